@@ -1,0 +1,161 @@
+"""Loading models and tokenizers from a hub id, a local directory, a tiny preset name, or an object."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lightning_llm.models.presets import is_preset, tiny_model, tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike | PreTrainedModel
+TokenizerLike = str | os.PathLike | PreTrainedTokenizerBase
+
+_AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+}
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def auto_class(task: str) -> type:
+    """The ``transformers`` auto class for ``task`` (causal_lm | sequence_classification | token_classification)."""
+    if task not in _AUTO_CLASSES:
+        raise ValueError(f"task must be one of {sorted(_AUTO_CLASSES)}, got {task!r}")
+    return _AUTO_CLASSES[task]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``"bfloat16"`` / ``torch.bfloat16`` / ``"auto"`` / ``None`` to what ``from_pretrained`` takes."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def model_name(model: ModelLike) -> str:
+    """A printable name for ``model``: the id/path it came from, or its class name."""
+    if isinstance(model, PreTrainedModel):
+        return getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return str(model)
+
+
+def load_model(
+    model: ModelLike,
+    *,
+    task: str = "causal_lm",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    num_labels: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """Return a ``PreTrainedModel`` for ``model``.
+
+    ``model`` is a ``PreTrainedModel`` (returned as is, cast to ``dtype`` if given), a local directory written by
+    ``save_pretrained``, a tiny preset name (``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``; offline, random init) or a
+    hub id. For ``task="sequence_classification"`` a causal-LM checkpoint gets a freshly initialised score head with
+    ``num_labels`` outputs (1 for reward models).
+
+    Args:
+        model: what to load.
+        task: ``causal_lm``, ``sequence_classification`` or ``token_classification``.
+        dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``); default float32, which is
+            what Lightning's mixed precision expects of the master weights.
+        attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
+        trust_remote_code: allow custom modelling code from the checkpoint (off by default).
+        revision: hub revision.
+        num_labels: number of classifier outputs for the classification tasks.
+        model_kwargs: any other ``from_pretrained`` keyword.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if isinstance(model, PreTrainedModel):
+        if isinstance(torch_dtype, torch.dtype):
+            model = model.to(torch_dtype)
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a hub id, a local path, a preset name or a PreTrainedModel, got {type(model)}")
+    name = str(model)
+    if not Path(name).is_dir() and is_preset(name):
+        overrides = dict(kwargs)
+        if attn_implementation is not None:
+            overrides["_attn_implementation"] = attn_implementation
+        return tiny_model(name, task=task, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None,
+                          **overrides)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if revision is not None:
+        kwargs["revision"] = revision
+    loaded = auto_class(task).from_pretrained(
+        name, dtype=torch.float32 if torch_dtype is None else torch_dtype, trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    return loaded
+
+
+def load_tokenizer(
+    tokenizer: TokenizerLike | None,
+    model: ModelLike | None = None,
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    chat_template: str | None = None,
+    padding_side: str = "right",
+) -> PreTrainedTokenizerBase:
+    """Return a tokenizer: ``tokenizer`` itself, or loaded from it, or (when ``None``) the one of ``model``.
+
+    A tokenizer without a pad token gets its EOS token as pad (the TRL convention). ``chat_template`` (a Jinja string
+    or a path to a ``.jinja`` file) replaces the tokenizer's own template.
+    """
+    source = tokenizer if tokenizer is not None else model
+    if source is None:
+        raise ValueError("Pass a tokenizer, or a model to take the tokenizer from.")
+    if isinstance(source, PreTrainedTokenizerBase):
+        tok = source
+    elif isinstance(source, PreTrainedModel):
+        name = getattr(source.config, "_name_or_path", "")
+        if not name:
+            raise ValueError(
+                "The model object carries no name to load its tokenizer from; pass `tokenizer=` explicitly."
+            )
+        tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
+    else:
+        name = str(source)
+        if not Path(name).is_dir() and is_preset(name):
+            tok = tiny_tokenizer()
+        else:
+            kwargs = {"revision": revision} if revision is not None else {}
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set one of them.")
+        tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        path = Path(chat_template)
+        tok.chat_template = path.read_text() if path.suffix == ".jinja" and path.is_file() else chat_template
+    tok.padding_side = padding_side
+    return tok
