@@ -1,1 +1,11 @@
-"""data"""
+"""Data: sources, format detection and validation, chat templates and masks, collation, data modules."""
+
+from lightning_llm.data.base import LLMDataModule, PreparationReport
+from lightning_llm.data.formats import DataFormat, detect_format, validate_row, validate_rows
+from lightning_llm.data.sft import SFTDataModule
+from lightning_llm.data.sources import load_rows
+
+__all__ = [
+    "DataFormat", "LLMDataModule", "PreparationReport", "SFTDataModule", "detect_format", "load_rows", "validate_row",
+    "validate_rows",
+]

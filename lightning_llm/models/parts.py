@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
-class LogitTransform:
+class OutputScaling:
     """``logits = softcap * tanh(logit_scale * (h @ W.T) / softcap)`` (softcap optional), as the model computes them."""
 
     logit_scale: float = 1.0
@@ -38,7 +38,7 @@ def unwrap_model(model: nn.Module) -> PreTrainedModel:
     return model
 
 
-def logit_transform(config) -> LogitTransform:
+def output_scaling(config) -> OutputScaling:
     """Read the output-logit scaling the architecture applies after the LM head from its config.
 
     Gemma 2/3 soft-cap (``final_logit_softcapping``); Cohere multiplies by ``logit_scale``; Falcon-H1 by
@@ -54,7 +54,7 @@ def logit_transform(config) -> LogitTransform:
     if scale is None and getattr(text_config, "logits_scaling", None) is not None:
         divisor = text_config.logits_scaling
         scale = divisor if getattr(text_config, "model_type", "") == "hyperclovax" else 1.0 / divisor
-    return LogitTransform(logit_scale=1.0 if scale is None else float(scale), softcap=softcap)
+    return OutputScaling(logit_scale=1.0 if scale is None else float(scale), softcap=softcap)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class CausalLMParts:
 
     backbone: nn.Module
     lm_head: nn.Module
-    transform: LogitTransform
+    scaling: OutputScaling
 
     def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's weight and bias as plain tensors (FSDP2 DTensors are gathered, differentiably)."""
@@ -81,4 +81,4 @@ def causal_lm_parts(model: nn.Module) -> CausalLMParts:
     lm_head = hf_model.get_output_embeddings()
     if backbone is hf_model or lm_head is None:
         raise ValueError(f"{type(hf_model).__name__} is not a causal LM with a separate backbone and LM head")
-    return CausalLMParts(backbone=backbone, lm_head=lm_head, transform=logit_transform(hf_model.config))
+    return CausalLMParts(backbone=backbone, lm_head=lm_head, scaling=output_scaling(hf_model.config))

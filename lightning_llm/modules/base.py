@@ -1,0 +1,449 @@
+"""``LLMModule``: the base every algorithm module stands on.
+
+It owns the policy (built in ``configure_model`` from a hub id, a local directory, a tiny preset or a model object;
+optionally wrapped with PEFT adapters; optionally with gradient checkpointing), the tokenizer, the optimizer and LR
+schedule (built from trainable parameters only), the one log-prob path (:meth:`LLMModule.token_logprobs`), metric
+logging under TRL's names, generation, and the Hugging Face export at the end of ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_llm.data.chat import conversation_text, ensure_chat_template
+from lightning_llm.models.loading import load_model, load_tokenizer, model_name
+from lightning_llm.models.parts import causal_lm_parts, unwrap_model
+from lightning_llm.models.peft import apply_peft, is_peft_model
+from lightning_llm.ops import TokenLogProbs, linear_logprobs
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LOGPROB_IMPLS = ("auto", "triton", "chunked", "eager")
+
+
+class MetricBuffer:
+    """Running sums of (total, count) per metric name, reduced across processes once, when flushed.
+
+    ``add("entropy", entropy_sum, num_tokens)`` then ``flush()`` gives the token-weighted mean over every micro-batch
+    and every rank since the last flush — TRL's way of weighting, without a device sync per step.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Tensor | float] = {}
+        self.counts: dict[str, Tensor | float] = {}
+        self.sums: set[str] = set()
+
+    def add_sum(self, name: str, value: Tensor | float) -> None:
+        """Add to a metric flushed as a plain sum (e.g. a token count), not a mean."""
+        self.sums.add(name)
+        self.add(name, value, 0.0)
+
+    def add(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
+        if isinstance(total, Tensor):
+            total = total.detach().float()
+        if isinstance(count, Tensor):
+            count = count.detach().float()
+        self.totals[name] = self.totals.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0.0) + count
+
+    def __bool__(self) -> bool:
+        return bool(self.totals)
+
+    def flush(self, reduce: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
+        """Means since the last flush, reduced with ``reduce`` (a cross-process sum); then reset."""
+        names = sorted(self.totals)
+        if not names:
+            return {}
+        stacked = torch.stack(
+            [torch.as_tensor(self.totals[n], dtype=torch.float32, device=device).reshape(()) for n in names]
+            + [torch.as_tensor(self.counts[n], dtype=torch.float32, device=device).reshape(()) for n in names]
+        )
+        stacked = reduce(stacked)
+        totals, counts = stacked[: len(names)], stacked[len(names):]
+        sums, self.totals, self.counts, self.sums = self.sums, {}, {}, set()
+        return {
+            n: t if n in sums else (t / c if c > 0 else 0.0)
+            for n, t, c in zip(names, totals.tolist(), counts.tolist())
+        }
+
+
+def decay_parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: with weight decay, and without it for biases and normalisation weights
+    (the ``transformers.Trainer`` convention TRL inherits)."""
+    no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+    no_decay: set[str] = set()
+    for mod_name, mod in module.named_modules():
+        is_norm = isinstance(mod, no_decay_types[:2]) or "norm" in type(mod).__name__.lower()
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or p_name == "bias":
+                no_decay.add(full)
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if name in no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                       min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` of the peak at
+    ``total_steps``."""
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LLMModule(L.LightningModule):
+    """Base LightningModule for LLM post-training.
+
+    Args:
+        model: hub id, local ``save_pretrained`` directory, tiny offline preset (``tiny-llama``, ``tiny-qwen2``,
+            ``tiny-gpt2``) or a ``PreTrainedModel``.
+        tokenizer: tokenizer or its id/path; default: the model's.
+        dtype: dtype of the loaded weights (``float32`` by default, right for mixed precision; ``bfloat16``, ``auto``).
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...
+        trust_remote_code: allow custom modelling code from the checkpoint.
+        revision: hub revision of model and tokenizer.
+        model_kwargs: other ``from_pretrained`` keywords.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        peft_config: a ``peft.LoraConfig`` (or a dict of its fields, e.g. ``{"r": 16, "target_modules":
+            "all-linear"}``): train adapters instead of the whole model.
+        learning_rate: peak learning rate of the default AdamW (ignored when ``optimizer`` is given).
+        weight_decay: weight decay of the default AdamW (not applied to biases and norms).
+        warmup_ratio: fraction of the training steps of linear warm-up in the default schedule.
+        warmup_steps: warm-up steps (overrides ``warmup_ratio`` when > 0).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW.
+        scheduler: a callable ``optimizer -> LRScheduler``; default cosine decay with linear warm-up.
+        logprob_impl: token log-prob implementation: ``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``,
+            ``chunked`` or ``eager`` (full logits; for debugging).
+        chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
+        export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``.
+        merge_adapters: with PEFT, merge the adapters into the exported model (else export the adapters only).
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel = "tiny-llama",
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        *,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        peft_config: Any = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        logprob_impl: str = "auto",
+        chat_template: str | None = None,
+        export_dir: str | None = None,
+        merge_adapters: bool = True,
+    ) -> None:
+        super().__init__()
+        if logprob_impl not in LOGPROB_IMPLS:
+            raise ValueError(f"logprob_impl must be one of {LOGPROB_IMPLS}, got {logprob_impl!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if not isinstance(model, (str, os.PathLike, PreTrainedModel)):
+            raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
+        self.save_hyperparameters(ignore=self._object_arguments(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                                               scheduler=scheduler, peft_config=peft_config))
+        self.model_source = model
+        self.model_load_kwargs = dict(
+            dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            revision=revision, model_kwargs=model_kwargs,
+        )
+        self.gradient_checkpointing = gradient_checkpointing
+        self.peft_config = peft_config
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.warmup_steps = warmup_steps
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.logprob_impl = logprob_impl
+        self.export_dir = export_dir
+        self.merge_adapters = merge_adapters
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
+            tokenizer, model if tokenizer is None else None, trust_remote_code=trust_remote_code, revision=revision,
+            chat_template=chat_template,
+        )
+        ensure_chat_template(self.tokenizer)
+        self.model: nn.Module | None = None
+        if isinstance(model, PreTrainedModel):
+            self.model = self._prepare_policy(load_model(model, dtype=dtype))
+        self._metrics = {"train": MetricBuffer(), "val": MetricBuffer()}
+        self.num_tokens_seen = 0.0
+
+    @staticmethod
+    def _object_arguments(**arguments: Any) -> list[str]:
+        """Arguments holding objects (models, tokenizers, callables) are kept out of the saved hyperparameters."""
+        return [name for name, value in arguments.items()
+                if value is not None and not isinstance(value, (str, int, float, bool, dict, list, os.PathLike))]
+
+    # ------------------------------------------------------------------------------------------------- the model
+    @property
+    def model_task(self) -> str:
+        """``transformers`` task of the policy: ``causal_lm`` here; reward and PRM modules override it."""
+        return "causal_lm"
+
+    def build_model(self) -> PreTrainedModel:
+        """Load the policy weights (called once, from ``configure_model``)."""
+        return load_model(self.model_source, task=self.model_task, **self.model_load_kwargs)
+
+    def _prepare_policy(self, model: PreTrainedModel) -> nn.Module:
+        if getattr(model.config, "pad_token_id", None) is None and self.tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError("peft_config was given but the model already carries PEFT adapters")
+            task_type = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
+                         "token_classification": "TOKEN_CLS"}[self.model_task]
+            model = apply_peft(model, self.peft_config, task_type=task_type)
+        return model
+
+    def configure_model(self) -> None:
+        """Build the policy (once). Lightning calls this inside the strategy's context (meta-device / sharded init)."""
+        if self.model is None:
+            self.model = self._prepare_policy(self.build_model())
+
+    def ensure_model(self) -> nn.Module:
+        """The policy, built now if ``configure_model`` has not run yet (e.g. generation before training)."""
+        self.configure_model()
+        return self.model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates (adapters only under PEFT; never a reference model)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------ the log-prob path
+    def token_logprobs(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        labels: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_is_top1: bool = False,
+        return_mean_logits: bool = False,
+        return_log_sum_sq_probs: bool = False,
+    ) -> TokenLogProbs:
+        """Per-token log-probs of ``labels[:, 1:]`` given ``input_ids`` (the one log-prob path of every algorithm).
+
+        Runs ``model``'s backbone to its last hidden states and scores the next tokens through the LM head with
+        :func:`lightning_llm.ops.linear_logprobs`; the full ``[B, T, V]`` logits are never built. Positions whose
+        label is ``-100`` read 0 and cost no head work. Outputs have shape ``[B, T-1]``.
+        """
+        parts = causal_lm_parts(model)
+        backbone_kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            backbone_kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            backbone_kwargs["position_ids"] = position_ids
+        hidden = parts.backbone(**backbone_kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
+        targets = labels[:, 1:]  # [B, T-1]
+        weight, bias = parts.head_weight()
+        return linear_logprobs(
+            hidden.to(weight.device), weight, targets.to(weight.device), bias=bias, ignore_index=IGNORE_INDEX,
+            temperature=temperature, logit_scale=parts.scaling.logit_scale, softcap=parts.scaling.softcap,
+            return_entropy=return_entropy, return_is_top1=return_is_top1, return_mean_logits=return_mean_logits,
+            return_log_sum_sq_probs=return_log_sum_sq_probs, impl=self.logprob_impl,
+        )
+
+    # ---------------------------------------------------------------------------------------------------- metrics
+    @property
+    def mode(self) -> str:
+        return "train" if self.training else "val"
+
+    def record(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
+        """Add to metric ``name`` (logged as the mean ``sum(total) / sum(count)`` over micro-batches and ranks)."""
+        self._metrics[self.mode].add(name, total, count)
+
+    def record_mean(self, name: str, values: Tensor) -> None:
+        """Add every element of ``values`` to metric ``name`` (an example-weighted mean)."""
+        values = values.detach().float()
+        self.record(name, values.sum(), values.numel())
+
+    def count_input_tokens(self, batch: dict[str, Tensor]) -> None:
+        """Add ``batch``'s input tokens to ``num_tokens``, TRL's running count of the tokens every rank has seen."""
+        if self.training:
+            self._metrics["train"].add_sum("num_tokens", self.count_tokens(batch))
+
+    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor:
+        """Tokens fed to the model in ``batch`` (attention-mask ones, or the flat length when padding-free)."""
+        if "attention_mask" in batch:
+            return batch["attention_mask"].sum()
+        return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return tensor
+
+    def flush_metrics(self, mode: str) -> dict[str, float]:
+        """Reduce the buffered metrics across processes and log them (``val/`` prefix on validation)."""
+        buffer = self._metrics[mode]
+        if not buffer:
+            return {}
+        values = buffer.flush(self._reduce_sum, self.device)
+        if mode == "train":
+            self.num_tokens_seen += values.pop("num_tokens", 0.0)
+            values["num_tokens"] = self.num_tokens_seen
+            if self._trainer is not None and self.trainer.optimizers:
+                values["learning_rate"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+            loss = values.pop("loss", None)
+            self.log_dict(values, on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
+            if loss is not None:
+                self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1, sync_dist=False)
+                values["loss"] = loss
+        else:
+            self.log_dict({f"val/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1,
+                          sync_dist=False, prog_bar=False)
+        return values
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.flush_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.flush_metrics("val")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_tokens_seen = checkpoint.get("lightning_llm", {}).get("num_tokens_seen", 0.0)
+
+    # ----------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        groups = decay_parameter_groups(self, self.weight_decay)
+        if not any(group["params"] for group in groups):
+            raise ValueError("The module has no trainable parameters")
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+            warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
+            scheduler = cosine_with_warmup(optimizer, total, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[dict]],
+        *,
+        model: nn.Module | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Complete ``prompts`` (strings, or conversations rendered with the chat template and a generation prompt).
+
+        Returns the decoded completions only, special tokens removed. Uses HF ``generate`` with its KV cache.
+        """
+        model = model if model is not None else self.ensure_model()
+        tok = self.tokenizer
+        texts = [p if isinstance(p, str) else conversation_text(tok, p, add_generation_prompt=True) for p in prompts]
+        was_training = model.training
+        model.eval()
+        side = tok.padding_side
+        tok.padding_side = "left"
+        outputs: list[str] = []
+        try:
+            device = next(model.parameters()).device
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start: start + batch_size]
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                generated = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )
+                new_tokens = generated[:, enc["input_ids"].shape[1]:]
+                outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------------- export
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export_hf(self.export_dir)
+
+    def export_hf(self, directory: str | os.PathLike, merge_adapters: bool | None = None) -> Path:
+        """Write the policy and tokenizer with ``save_pretrained`` (rank 0; gathered first under sharding).
+
+        With PEFT, ``merge_adapters`` (default: the module's setting) writes a plain model with the adapters merged;
+        otherwise the adapters alone.
+        """
+        merge = self.merge_adapters if merge_adapters is None else merge_adapters
+        directory = Path(directory)
+        state = None
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:
+            full = self.trainer.strategy.lightning_module_state_dict()
+            state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+        self._write_hf(directory, merge, state)
+        if distributed:
+            self.trainer.strategy.barrier("export_hf")
+        return directory
+
+    @rank_zero_only
+    def _write_hf(self, directory: Path, merge: bool, state: dict[str, Tensor] | None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.ensure_model()
+        if is_peft_model(model) and merge:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(directory)
+        elif state is not None and not is_peft_model(model):
+            unwrap_model(model).save_pretrained(directory, state_dict=state)
+        else:
+            model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        log.info("Exported %s to %s", model_name(self.model_source), directory)
+
