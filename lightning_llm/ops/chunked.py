@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32
+from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
 __all__ = ["ChunkedLinearLogProbs", "full_row_stats", "logits_grad", "default_chunk_rows", "LOGITS_BUDGET"]
 
@@ -80,13 +80,6 @@ def logits_grad(
     return grad
 
 
-def _head_operand(weight: Tensor, compute_dtype: torch.dtype) -> Tensor:
-    # Cast once per pass rather than once per chunk; on CPU matmuls run in fp32 anyway
-    if weight.device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
-        return weight.to(compute_dtype)
-    return weight.float()
-
-
 def _raw_logits(hidden: Tensor, weight_op: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
     raw = matmul_f32(hidden, weight_op.t(), compute_dtype)  # [n, V] fp32
     if bias is not None:
@@ -121,7 +114,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         want_entropy, want_top1, want_mean, want_lss = want
         n_rows = hidden.shape[0]
         device = hidden.device
-        weight_op = _head_operand(weight, compute_dtype)
+        weight_op = mm_operand(weight, compute_dtype)
 
         def empty() -> Tensor:
             return torch.empty(n_rows, device=device, dtype=torch.float32)
@@ -180,7 +173,7 @@ def _chunked_backward(
     transform: LogitTransform = ctx.transform
     compute_dtype = ctx.compute_dtype
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    weight_op = _head_operand(weight, compute_dtype)
+    weight_op = mm_operand(weight, compute_dtype)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_bias else None

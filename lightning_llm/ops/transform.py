@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LogitTransform", "matmul_f32", "addmm_f32_", "has_mm_out_dtype"]
+__all__ = ["LogitTransform", "matmul_f32", "addmm_f32_", "mm_operand", "has_mm_out_dtype"]
 
 
 def has_mm_out_dtype() -> bool:
@@ -74,6 +74,13 @@ def _cuda_low_precision(a: Tensor, compute_dtype: torch.dtype) -> bool:
     return a.device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
 
 
+def mm_operand(tensor: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """``tensor`` in the dtype :func:`matmul_f32` multiplies in, so a loop can cast once instead of per call."""
+    if _cuda_low_precision(tensor, compute_dtype):
+        return tensor.to(compute_dtype)
+    return tensor.float()
+
+
 def matmul_f32(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """``a @ b`` as fp32, with fp32 accumulation whatever the operands' dtypes.
 
@@ -81,18 +88,16 @@ def matmul_f32(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out: Tensor | N
     product is written in fp32 (``out_dtype``), so logits are not rounded to 8 mantissa bits. Elsewhere the
     operands are promoted to fp32 (on CPU there is no speed to win by keeping them narrow).
     """
-    if _cuda_low_precision(a, compute_dtype):
-        a, b = a.to(compute_dtype), b.to(compute_dtype)
-        if _MM_OUT_DTYPE:
-            if out is None:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if not _cuda_low_precision(a, compute_dtype):
+        a, b = a.float(), b.float()
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    a, b = a.to(compute_dtype), b.to(compute_dtype)
+    if not _MM_OUT_DTYPE:  # torch < 2.8: one rounding of the product, still fp32 accumulation inside the GEMM
         product = torch.mm(a, b).float()
-    else:
-        product = torch.mm(a.float(), b.float())
-    if out is not None:
-        return out.copy_(product)
-    return product
+        return product if out is None else out.copy_(product)
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
 def addmm_f32_(acc: Tensor, a: Tensor, b: Tensor, compute_dtype: torch.dtype) -> Tensor:

@@ -30,7 +30,7 @@ def reference_outputs(
     log_probs = torch.log_softmax(logits, dim=-1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
     target_logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return {
         "logps": torch.where(valid, target_logp, zero),
@@ -56,7 +56,7 @@ def reference_grads(
     if bias is not None:
         leaves.append(bias.detach().double().requires_grad_())
     out = reference_outputs(leaves[0], leaves[1], targets, bias=leaves[2] if bias is not None else None, **options)
-    objective = torch.zeros((), dtype=torch.float64)
+    objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
     if grad_logps is not None:
         objective = objective + (grad_logps.double() * out["logps"]).sum()
     if grad_entropy is not None:

@@ -1,0 +1,214 @@
+"""The Triton log-prob path: cuBLAS tiles of the head, Triton kernels for the softmax work on each tile.
+
+Forward: for each vocabulary chunk ``W[v0:v1]`` and each token chunk ``h[r0:r1]``, one GEMM writes the raw
+logits tile ``[rows, cols]`` in fp32 (fp32 accumulation and output, bf16/fp16 operands on the tensor cores)
+into one reused buffer, and :func:`fold_softmax_stats` folds it into running per-token statistics. Nothing of
+size ``[N, V]`` exists at any time; per token only a handful of fp32 scalars are kept for the backward.
+
+Backward (recomputation, as in gradient checkpointing): the same tiles are recomputed, :func:`logits_grad_`
+turns each into ``dL/dy`` in place, and two GEMMs consume it:
+``grad_hidden[r0:r1] += dy @ W[v0:v1]`` into an fp32 ``[N, H]`` accumulator, and
+``grad_weight[v0:v1] = dy.T @ h`` — the vocabulary loop is the outer one so each slice of the weight gradient
+is finished by GEMMs that accumulate over the tokens in fp32 inside cuBLAS (plus an fp32 ``[cols, H]``
+scratch when the tokens span several chunks). The weight gradient is therefore never rounded to bf16 before
+it is complete, and no fp32 ``[V, H]`` buffer is needed.
+
+Work: ``2NHV`` FLOPs forward, ``6NHV`` backward (recompute + two gradient GEMMs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_llm.kernels.logits_grad import logits_grad_, narrow_view
+from lightning_llm.kernels.softmax_stats import SoftmaxStats, fold_softmax_stats
+from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
+
+__all__ = ["TileConfig", "TritonLinearLogProbs", "default_token_rows", "VOCAB_CHUNK", "TILE_BUDGET"]
+
+# Vocabulary columns per tile: wide enough that the fp32 [N, H] gradient accumulator is revisited only
+# V / 4096 times (37 passes at V = 152k), narrow enough that a full-N tile stays small.
+VOCAB_CHUNK = 4096
+# fp32 elements of one logits tile (128 MiB): 8192 tokens x 4096 columns
+TILE_BUDGET = 1 << 25
+
+
+def default_token_rows(n_rows: int, vocab_chunk: int = VOCAB_CHUNK, budget: int = TILE_BUDGET) -> int:
+    """Token rows per tile: every row at once when ``rows x vocab_chunk`` fits ``budget``, else as many as fit."""
+    return max(1, min(n_rows, budget // vocab_chunk))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiling knobs. ``vocab_chunk``: columns per tile; ``block``: columns per Triton step (None = automatic);
+    ``grad_dtype``: dtype of the in-place gradient tile (None = the matmul operand dtype; tests force bf16 on
+    CPU to exercise the narrow in-place write)."""
+
+    vocab_chunk: int = VOCAB_CHUNK
+    block: int | None = None
+    grad_dtype: torch.dtype | None = None
+
+
+class TritonLinearLogProbs(torch.autograd.Function):
+    """Same contract as :class:`lightning_llm.ops.chunked.ChunkedLinearLogProbs` (rows are pre-compacted:
+    every target lies in ``[0, V)``), plus an optional trailing :class:`TileConfig`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,  # [N, H]
+        weight: Tensor,  # [V, H]
+        bias: Tensor | None,  # [V]
+        targets: Tensor,  # [N] int64
+        transform: LogitTransform,
+        compute_dtype: torch.dtype,
+        token_rows: int,
+        want: tuple[bool, bool, bool, bool],
+        tiles: TileConfig | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        ctx.set_materialize_grads(False)
+        tiles = tiles or TileConfig()
+        n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        token_rows = max(1, min(token_rows, n_rows))
+        vocab_chunk = min(tiles.vocab_chunk, vocab_size)
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden_op = mm_operand(hidden, compute_dtype)
+            stats = SoftmaxStats.empty(n_rows, hidden.device)
+            buffer = torch.empty(token_rows * vocab_chunk, device=hidden.device, dtype=torch.float32)
+            for v0 in range(0, vocab_size, vocab_chunk):
+                v1 = min(v0 + vocab_chunk, vocab_size)
+                weight_op = mm_operand(weight[v0:v1], compute_dtype)  # [cols, H]
+                bias_chunk = bias[v0:v1] if bias is not None else None
+                for r0 in range(0, n_rows, token_rows):
+                    r1 = min(r0 + token_rows, n_rows)
+                    tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+                    matmul_f32(hidden_op[r0:r1], weight_op.t(), compute_dtype, out=tile)
+                    fold_softmax_stats(
+                        tile, bias_chunk, targets[r0:r1], stats.rows(r0, r1), v0, transform, want, tiles.block
+                    )
+            del buffer
+            log_z, logps, entropy, is_top1, mean_logits, log_sum_sq = stats.finish(vocab_size)
+
+        want_entropy, want_top1, want_mean, want_sq = want
+        entropy = entropy if want_entropy else None
+        outputs = (logps, entropy, is_top1 if want_top1 else None, mean_logits if want_mean else None,
+                   log_sum_sq if want_sq else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.transform = transform
+        ctx.compute_dtype = compute_dtype
+        ctx.token_rows = token_rows
+        ctx.tiles = tiles
+        ctx.mark_non_differentiable(*(t for t in outputs[2:] if t is not None))
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: Tensor | None, grad_entropy: Tensor | None, *_: Any) -> tuple:  # type: ignore[override]
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        nones = (None,) * 6
+        if grad_logps is None and grad_entropy is None:
+            return (None, None, None) + nones
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = _backward(
+                hidden,
+                weight,
+                bias,
+                targets,
+                log_z,
+                entropy,
+                grad_logps.float().contiguous() if grad_logps is not None else None,
+                grad_entropy.float().contiguous() if grad_entropy is not None else None,
+                ctx.needs_input_grad[:3],
+                ctx.transform,
+                ctx.compute_dtype,
+                ctx.token_rows,
+                ctx.tiles,
+            )
+        return grads + nones
+
+
+def _backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    log_z: Tensor,
+    entropy: Tensor | None,
+    grad_logps: Tensor | None,
+    grad_entropy: Tensor | None,
+    needs: tuple[bool, bool, bool],
+    transform: LogitTransform,
+    compute_dtype: torch.dtype,
+    token_rows: int,
+    tiles: TileConfig,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    need_hidden, need_weight, need_bias = needs
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    vocab_chunk = min(tiles.vocab_chunk, vocab_size)
+    device = hidden.device
+    hidden_op = mm_operand(hidden, compute_dtype)
+    grad_dtype = tiles.grad_dtype or hidden_op.dtype
+    single_token_chunk = token_rows >= n_rows
+
+    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.zeros(vocab_size, device=device, dtype=torch.float32) if need_bias else None
+    # fp32 partial sums of one weight-gradient slice when the tokens span several chunks
+    weight_scratch = (
+        torch.empty(vocab_chunk, weight.shape[1], device=device, dtype=torch.float32)
+        if need_weight and not single_token_chunk
+        else None
+    )
+    buffer = torch.empty(token_rows * vocab_chunk, device=device, dtype=torch.float32)
+
+    for v0 in range(0, vocab_size, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, vocab_size)
+        weight_op = mm_operand(weight[v0:v1], compute_dtype)  # [cols, H]
+        bias_chunk = bias[v0:v1] if bias is not None else None
+        if weight_scratch is not None:
+            scratch = weight_scratch[: v1 - v0].zero_()
+        for r0 in range(0, n_rows, token_rows):
+            r1 = min(r0 + token_rows, n_rows)
+            tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            matmul_f32(hidden_op[r0:r1], weight_op.t(), compute_dtype, out=tile)
+            grad_tile = logits_grad_(
+                tile,
+                narrow_view(tile, grad_dtype),
+                bias_chunk,
+                targets[r0:r1],
+                log_z[r0:r1],
+                entropy[r0:r1] if entropy is not None else None,
+                grad_logps[r0:r1] if grad_logps is not None else None,
+                grad_entropy[r0:r1] if grad_entropy is not None else None,
+                v0,
+                transform,
+                tiles.block,
+            )  # [rows, cols] dL/dy
+            if grad_hidden is not None:
+                addmm_f32_(grad_hidden[r0:r1], grad_tile, weight_op, compute_dtype)
+            if grad_weight is not None:
+                if single_token_chunk:
+                    _write_weight_grad(grad_weight[v0:v1], grad_tile.t(), hidden_op[r0:r1], compute_dtype)
+                else:
+                    addmm_f32_(scratch, grad_tile.t(), hidden_op[r0:r1], compute_dtype)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
+        if weight_scratch is not None:
+            grad_weight[v0:v1].copy_(scratch)
+
+    return (
+        grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+        grad_weight,
+        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    )
+
+
+def _write_weight_grad(out: Tensor, grad_t: Tensor, hidden: Tensor, compute_dtype: torch.dtype) -> None:
+    # One GEMM over all tokens: fp32 accumulation inside cuBLAS, one rounding to the weight's dtype at the end
+    if out.dtype == torch.float32:
+        matmul_f32(grad_t, hidden, compute_dtype, out=out)
+    else:
+        out.copy_(matmul_f32(grad_t, hidden, compute_dtype))

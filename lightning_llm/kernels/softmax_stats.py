@@ -1,0 +1,232 @@
+"""Online softmax statistics over vocabulary chunks: the forward half of the Triton log-prob path.
+
+The logits of a token are seen one ``[rows, cols]`` tile of the vocabulary at a time (a cuBLAS product of a
+token chunk with a vocabulary chunk of the head). :func:`fold_softmax_stats` folds a tile into running
+per-token statistics with the online-softmax recurrence (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax"): with running maximum ``m`` and a new maximum ``m'``, every running sum is rescaled
+by ``exp(m - m')`` before the tile's terms are added. After the last tile :meth:`SoftmaxStats.finish` turns
+them into log-probs, entropy, argmax-correctness, mean logit and ``log sum p^2``.
+
+Kept per token (fp32), all relative to the running max ``m``:
+``s = sum_j exp(z_j - m)``, ``x = sum_j exp(z_j - m) (z_j - m)``, ``q = sum_j exp(2 (z_j - m))``,
+``zsum = sum_j z_j``, ``target_z = z_t``, ``best_before = max_{j < t} z_j``.
+Then ``log Z = m + log s``, ``H = log s - x / s``, ``log sum p^2 = log q - 2 log s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_llm.kernels.transform import transform_logits
+from lightning_llm.ops.transform import LogitTransform
+
+__all__ = ["SoftmaxStats", "fold_softmax_stats", "fold_softmax_stats_reference"]
+
+
+@dataclass
+class SoftmaxStats:
+    """Running per-token statistics, each ``[N]`` fp32; see the module docstring for their meaning."""
+
+    max: Tensor
+    sum_exp: Tensor
+    x_sum_exp: Tensor
+    sq_sum_exp: Tensor
+    z_sum: Tensor
+    best_before: Tensor
+    target_z: Tensor
+
+    @classmethod
+    def empty(cls, n_rows: int, device: torch.device) -> SoftmaxStats:
+        def full(value: float) -> Tensor:
+            return torch.full((n_rows,), value, device=device, dtype=torch.float32)
+
+        neg_inf = float("-inf")
+        return cls(full(neg_inf), full(0.0), full(0.0), full(0.0), full(0.0), full(neg_inf), full(0.0))
+
+    def rows(self, start: int, end: int) -> SoftmaxStats:
+        """Views of rows ``[start, end)``; kernels write through them into the full tensors."""
+        return SoftmaxStats(*(getattr(self, f.name)[start:end] for f in fields(self)))
+
+    def clone(self) -> SoftmaxStats:
+        return SoftmaxStats(*(getattr(self, f.name).clone() for f in fields(self)))
+
+    def finish(self, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(log_z, logps, entropy, is_top1, mean_logits, log_sum_sq_probs)`` once every tile is folded."""
+        log_s = torch.log(self.sum_exp)
+        log_z = self.max + log_s
+        logps = self.target_z - log_z
+        entropy = log_s - self.x_sum_exp / self.sum_exp
+        # argmax returns the first maximum: the target wins iff it is a maximum and nothing before it ties
+        is_top1 = (self.target_z >= self.max) & (self.best_before < self.target_z)
+        mean_logits = self.z_sum / vocab_size
+        log_sum_sq = torch.log(self.sq_sum_exp) - 2.0 * log_s
+        return log_z, logps, entropy, is_top1, mean_logits, log_sum_sq
+
+
+@triton.jit
+def _fold_stats_kernel(
+    tile_ptr,  # [rows, cols] fp32 raw logits of one vocabulary chunk
+    tile_stride,
+    bias_ptr,  # [cols] bias of the chunk (read only if HAS_BIAS)
+    targets_ptr,  # [rows] int64 token ids
+    max_ptr,
+    sum_exp_ptr,
+    x_sum_exp_ptr,
+    sq_sum_exp_ptr,
+    z_sum_ptr,
+    best_before_ptr,
+    target_z_ptr,
+    vocab_start,
+    n_cols,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
+    WANT_MEAN: tl.constexpr,
+    WANT_SQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per token row, walking its tile in BLOCK-wide steps
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = tile_ptr + row * tile_stride
+    local_target = tl.load(targets_ptr + row) - vocab_start  # outside [0, n_cols) when not in this chunk
+    m = tl.load(max_ptr + row)
+    s = tl.load(sum_exp_ptr + row)
+    x = tl.load(x_sum_exp_ptr + row)
+    q = tl.load(sq_sum_exp_ptr + row)
+    z_sum = tl.load(z_sum_ptr + row)
+    best_before = tl.load(best_before_ptr + row)
+    target_z = tl.load(target_z_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_chunk = cols < n_cols
+        raw = tl.load(row_ptr + cols, mask=in_chunk, other=0.0)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
+        z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        z = tl.where(in_chunk, z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        rescale = tl.exp(m - new_m)  # 0 on the first block, where m = -inf
+        e = tl.exp(z - new_m)  # 0 outside the chunk
+        shifted = tl.where(in_chunk, z - new_m, 0.0)
+        if WANT_ENTROPY:
+            # sum e (z - m) re-based from the old max to the new one; the s > 0 guard avoids -inf * 0
+            old_shift = tl.where(s > 0, m - new_m, 0.0)
+            x = rescale * (x + old_shift * s) + tl.sum(e * shifted, axis=0)
+        if WANT_SQ:
+            q = q * rescale * rescale + tl.sum(e * e, axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
+        m = new_m
+        if WANT_MEAN:
+            z_sum += tl.sum(tl.where(in_chunk, z, 0.0), axis=0)
+        # Exactly one column of one block is the target; adding zeros elsewhere keeps z_t bit-exact. The
+        # in_chunk test matters: padding columns past n_cols may carry the index of a later chunk's target
+        target_z += tl.sum(tl.where((cols == local_target) & in_chunk, z, 0.0), axis=0)
+        if WANT_TOP1:
+            best_before = tl.maximum(best_before, tl.max(tl.where(cols < local_target, z, float("-inf")), axis=0))
+    tl.store(max_ptr + row, m)
+    tl.store(sum_exp_ptr + row, s)
+    tl.store(target_z_ptr + row, target_z)
+    if WANT_ENTROPY:
+        tl.store(x_sum_exp_ptr + row, x)
+    if WANT_SQ:
+        tl.store(sq_sum_exp_ptr + row, q)
+    if WANT_MEAN:
+        tl.store(z_sum_ptr + row, z_sum)
+    if WANT_TOP1:
+        tl.store(best_before_ptr + row, best_before)
+
+
+def _block_size(n_cols: int, block: int | None) -> int:
+    return block or min(1024, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def fold_softmax_stats(
+    tile: Tensor,  # [rows, cols] fp32, unit stride along cols
+    bias: Tensor | None,  # [cols]
+    targets: Tensor,  # [rows] int64
+    stats: SoftmaxStats,  # [rows] each, updated in place
+    vocab_start: int,
+    transform: LogitTransform,
+    want: tuple[bool, bool, bool, bool],
+    block: int | None = None,
+) -> None:
+    """Fold one tile of raw logits (vocabulary columns ``vocab_start + [0, cols)``) into ``stats`` in place.
+
+    ``want`` = (entropy, is_top1, mean_logits, log_sum_sq_probs): statistics not wanted are left untouched.
+    """
+    rows, cols = tile.shape
+    if rows == 0:
+        return
+    if tile.dtype != torch.float32 or tile.stride(1) != 1:
+        raise ValueError("tile must be fp32 with unit stride along the vocabulary")
+    want_entropy, want_top1, want_mean, want_sq = want
+    block = _block_size(cols, block)
+    _fold_stats_kernel[(rows,)](
+        tile,
+        tile.stride(0),
+        bias if bias is not None else tile,
+        targets,
+        stats.max,
+        stats.sum_exp,
+        stats.x_sum_exp,
+        stats.sq_sum_exp,
+        stats.z_sum,
+        stats.best_before,
+        stats.target_z,
+        vocab_start,
+        cols,
+        float(transform.logit_scale),
+        float(transform.softcap or 1.0),
+        1.0 / float(transform.temperature),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=transform.softcap is not None,
+        WANT_ENTROPY=want_entropy,
+        WANT_TOP1=want_top1,
+        WANT_MEAN=want_mean,
+        WANT_SQ=want_sq,
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
+
+
+def fold_softmax_stats_reference(
+    tile: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: SoftmaxStats,
+    vocab_start: int,
+    transform: LogitTransform,
+    want: tuple[bool, bool, bool, bool],
+) -> None:
+    """Torch version of :func:`fold_softmax_stats` (the whole tile at once), for tests and debugging."""
+    want_entropy, want_top1, want_mean, want_sq = want
+    raw = tile.float() + (bias.float() if bias is not None else 0.0)
+    z = transform.apply(raw)  # [rows, cols]
+    cols = torch.arange(z.shape[1], device=z.device)
+    local = (targets - vocab_start).unsqueeze(-1)  # [rows, 1]
+    new_m = torch.maximum(stats.max, z.amax(-1))
+    rescale = torch.exp(stats.max - new_m)
+    e = torch.exp(z - new_m.unsqueeze(-1))
+    if want_entropy:
+        old_shift = torch.where(stats.sum_exp > 0, stats.max - new_m, torch.zeros_like(new_m))
+        x = rescale * (stats.x_sum_exp + old_shift * stats.sum_exp) + (e * (z - new_m.unsqueeze(-1))).sum(-1)
+        stats.x_sum_exp.copy_(x)
+    if want_sq:
+        stats.sq_sum_exp.copy_(stats.sq_sum_exp * rescale**2 + (e * e).sum(-1))
+    stats.sum_exp.copy_(stats.sum_exp * rescale + e.sum(-1))
+    stats.max.copy_(new_m)
+    if want_mean:
+        stats.z_sum.add_(z.sum(-1))
+    stats.target_z.add_(torch.where(cols == local, z, torch.zeros_like(z)).sum(-1))
+    if want_top1:
+        before = torch.where(cols < local, z, torch.full_like(z, float("-inf"))).amax(-1)
+        stats.best_before.copy_(torch.maximum(stats.best_before, before))
