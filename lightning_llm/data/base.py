@@ -147,6 +147,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         self.val_dataset: ExampleDataset | None = None
         self.reports: dict[str, PreparationReport] = {}
         self.format: DataFormat | None = None
+        self.raw_rows: dict[str, list[dict]] = {}
 
     # ----------------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
@@ -212,6 +213,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         """Detect, validate and encode ``rows``; log what was dropped; raise if nothing is left."""
         if not rows:
             raise ValueError(f"{name}: the dataset is empty")
+        self.raw_rows[name] = rows
         columns = set().union(*(row.keys() for row in rows[:100]))
         fmt = self.check_format(detect_format(columns, rows[0]), name)
         validate_rows(rows, fmt, name)
@@ -252,6 +254,24 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
         return ids[cut], [mask[cut] for mask in masks]
 
+    def prompts(self, split: str = "val", limit: int | None = None) -> list[str | list[dict]]:
+        """Prompts of the rows of ``split`` (``val`` or ``train``), for generation callbacks (win rate, samples).
+
+        A row's prompt is its ``prompt`` column, or for conversations without one, the messages before the last
+        assistant turn. Rows are taken in order, up to ``limit``.
+        """
+        rows = self.raw_rows.get("val_data" if split == "val" else "train_data")
+        if rows is None:
+            raise ValueError(f"{type(self).__name__} has no {split} rows; is setup() done and {split} data given?")
+        out: list[str | list[dict]] = []
+        for row in rows:
+            prompt = _row_prompt(row)
+            if prompt is not None:
+                out.append(prompt)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
     # ----------------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -275,3 +295,16 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reports = {k: PreparationReport(**v) for k, v in state_dict.get("reports", {}).items()}
+
+
+def _row_prompt(row: dict) -> str | list[dict] | None:
+    """The prompt of a raw row: ``prompt``, else the turns before the last assistant turn of a conversation."""
+    if row.get("prompt") is not None:
+        return row["prompt"]
+    for column in ("messages", "chosen"):
+        conversation = row.get(column)
+        if isinstance(conversation, list) and conversation:
+            last = max((i for i, m in enumerate(conversation) if m.get("role") == "assistant"), default=None)
+            if last:
+                return conversation[:last]
+    return None
