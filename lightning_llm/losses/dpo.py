@@ -241,7 +241,7 @@ def apo_zero_loss(t: DPOTerms) -> Tensor:
 def apo_down_loss(t: DPOTerms) -> Tensor:
     """APO-down (https://huggingface.co/papers/2408.06266, Eq. 8).
 
-    For chosen answers worse than the model's own: ``σ(β ρ_w) + (1 - σ(β (ρ_w - ρ_l))))`` lowers both likelihoods,
+    For chosen answers worse than the model's own: ``σ(β ρ_w) + (1 - σ(β (ρ_w - ρ_l)))`` lowers both likelihoods,
     the rejected one more.
     """
     chosen_term = torch.sigmoid(t.beta * t.chosen_logratios)
