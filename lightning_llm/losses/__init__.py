@@ -23,6 +23,7 @@ from .kto import KTO_LOSSES, KTOLossOutput, KTOWeightRanges, kto_kl_estimate, kt
 from .orpo import ORPOLossOutput, log1mexp, orpo_loss
 from .prm import PRMLossOutput, prm_loss
 from .reward import RewardLossOutput, reward_loss
+from .sft import SFT_LOSSES, SFTLoss, sft_loss
 
 __all__ = [
     "CPO_AVERAGE_LOGPS_LOSS_TYPES",
@@ -40,6 +41,8 @@ __all__ = [
     "ORPOLossOutput",
     "PRMLossOutput",
     "RewardLossOutput",
+    "SFTLoss",
+    "SFT_LOSSES",
     "alphapo_rewards",
     "bco_loss",
     "bco_rewards",
@@ -55,5 +58,6 @@ __all__ = [
     "orpo_loss",
     "prm_loss",
     "reward_loss",
+    "sft_loss",
     "wpo_weights",
 ]

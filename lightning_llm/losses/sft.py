@@ -8,7 +8,8 @@ with Reward Rectification", arXiv:2508.05629): each token's NLL is weighted by i
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
