@@ -9,7 +9,8 @@ Every candidate computes ``loss = mean_i -log softmax(hidden @ weight.T)[i, targ
   installed torch has it;
 - ``liger_fused_linear_ce``: Liger-Kernel's fused linear cross-entropy, when importable;
 - ``trl_chunked_logprob``: TRL 1.16's ``trl.kernels.ChunkedLogProbFunction``;
-- ``ours_triton`` / ``ours_chunked``: ``lightning_llm.ops.linear_logprobs`` with ``impl="triton"`` / ``"chunked"``.
+- ``ours_triton`` / ``ours_chunked``: ``lightning_llm.ops.linear_logprobs`` with ``impl="triton"`` / ``"chunked"``;
+- ``ours_triton_bf16_tiles``: the Triton path with logits tiles in bf16 instead of fp32 (half the traffic).
 
 Correctness comes first: each candidate's loss and gradients are compared with an fp32 full-logits reference
 on the same inputs. Then each is timed with CUDA events (warm-up, median of ``--reps``) and its incremental
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -114,6 +116,23 @@ def make_ours(impl: str) -> LossFn:
     return loss
 
 
+def make_ours_bf16_tiles() -> LossFn:
+    from lightning_llm.kernels.linear_logprobs import TileConfig, TritonLinearLogProbs, default_token_rows
+    from lightning_llm.ops.transform import LogitTransform
+
+    def loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+        # The Triton path with logits tiles in the inputs' dtype (as TRL and Liger keep them): half the traffic
+        tiles = TileConfig(logits_dtype=hidden.dtype)
+        rows = default_token_rows(hidden.shape[0])
+        no_extras = (False, False, False, False)
+        logps = TritonLinearLogProbs.apply(
+            hidden, weight, None, targets, LogitTransform(), hidden.dtype, rows, no_extras, tiles
+        )[0]
+        return -logps.mean()
+
+    return loss
+
+
 def candidates(device: torch.device, smoke: bool) -> dict[str, tuple[Callable[[], LossFn | None], str | None]]:
     """name -> (factory, reason it cannot run here or None)."""
     from lightning_llm.kernels import triton_runs_on
@@ -126,6 +145,7 @@ def candidates(device: torch.device, smoke: bool) -> dict[str, tuple[Callable[[]
         "liger_fused_linear_ce": (make_liger, None if cuda else "Liger-Kernel needs CUDA"),
         "trl_chunked_logprob": (make_trl, None),
         "ours_triton": (lambda: make_ours("triton"), None if triton_runs_on(device) else "Triton cannot run here"),
+        "ours_triton_bf16_tiles": (make_ours_bf16_tiles, None if cuda else "narrow tiles only pay on CUDA"),
         "ours_chunked": (lambda: make_ours("chunked"), None),
     }
 
@@ -338,6 +358,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and "triton" not in sys.modules:
+        # Triton reads this at import: on CPU its kernels run (slowly) in the interpreter, enough for a smoke run
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if device.type == "cpu" and not args.smoke:
         print("no CUDA device: running the smoke configuration instead", file=sys.stderr)
         args.smoke = True

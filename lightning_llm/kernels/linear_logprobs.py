@@ -44,12 +44,19 @@ def default_token_rows(n_rows: int, vocab_chunk: int = VOCAB_CHUNK, budget: int 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tiling knobs. ``vocab_chunk``: columns per tile; ``block``: columns per Triton step (None = automatic);
-    ``grad_dtype``: dtype of the in-place gradient tile (None = the matmul operand dtype; tests force bf16 on
-    CPU to exercise the narrow in-place write)."""
+    """Tiling knobs.
+
+    ``vocab_chunk``: vocabulary columns per tile. ``block``: columns per Triton step (None = automatic).
+    ``logits_dtype``: dtype the GEMM writes the logits tile in. fp32 (default) keeps log-probs exact to fp32
+    for bf16 inputs (bf16 logits of magnitude 10 carry errors of ~0.03 nats, which PPO/GRPO ratios feel);
+    bf16 halves the tile's memory traffic, as TRL and Liger do, and is what the benchmark compares.
+    ``grad_dtype``: dtype of the in-place gradient tile (None = the GEMM operand dtype, or the tile's own
+    dtype when that is narrower); tests force bf16 on CPU to exercise the narrow in-place write.
+    """
 
     vocab_chunk: int = VOCAB_CHUNK
     block: int | None = None
+    logits_dtype: torch.dtype = torch.float32
     grad_dtype: torch.dtype | None = None
 
 
@@ -78,7 +85,7 @@ class TritonLinearLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden_op = mm_operand(hidden, compute_dtype)
             stats = SoftmaxStats.empty(n_rows, hidden.device)
-            buffer = torch.empty(token_rows * vocab_chunk, device=hidden.device, dtype=torch.float32)
+            buffer = torch.empty(token_rows * vocab_chunk, device=hidden.device, dtype=tiles.logits_dtype)
             for v0 in range(0, vocab_size, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, vocab_size)
                 weight_op = mm_operand(weight[v0:v1], compute_dtype)  # [cols, H]
@@ -86,7 +93,7 @@ class TritonLinearLogProbs(torch.autograd.Function):
                 for r0 in range(0, n_rows, token_rows):
                     r1 = min(r0 + token_rows, n_rows)
                     tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-                    matmul_f32(hidden_op[r0:r1], weight_op.t(), compute_dtype, out=tile)
+                    _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
                     fold_softmax_stats(
                         tile, bias_chunk, targets[r0:r1], stats.rows(r0, r1), v0, transform, want, tiles.block
                     )
@@ -150,7 +157,7 @@ def _backward(
     vocab_chunk = min(tiles.vocab_chunk, vocab_size)
     device = hidden.device
     hidden_op = mm_operand(hidden, compute_dtype)
-    grad_dtype = tiles.grad_dtype or hidden_op.dtype
+    grad_dtype = tiles.grad_dtype or (tiles.logits_dtype if tiles.logits_dtype.itemsize < 4 else hidden_op.dtype)
     single_token_chunk = token_rows >= n_rows
 
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
@@ -162,7 +169,7 @@ def _backward(
         if need_weight and not single_token_chunk
         else None
     )
-    buffer = torch.empty(token_rows * vocab_chunk, device=device, dtype=torch.float32)
+    buffer = torch.empty(token_rows * vocab_chunk, device=device, dtype=tiles.logits_dtype)
 
     for v0 in range(0, vocab_size, vocab_chunk):
         v1 = min(v0 + vocab_chunk, vocab_size)
@@ -173,7 +180,7 @@ def _backward(
         for r0 in range(0, n_rows, token_rows):
             r1 = min(r0 + token_rows, n_rows)
             tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            matmul_f32(hidden_op[r0:r1], weight_op.t(), compute_dtype, out=tile)
+            _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
             grad_tile = logits_grad_(
                 tile,
                 narrow_view(tile, grad_dtype),
@@ -204,6 +211,16 @@ def _backward(
         grad_weight,
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
+
+
+def _logits_into(tile: Tensor, hidden: Tensor, weight_t: Tensor, compute_dtype: torch.dtype) -> None:
+    # GEMM straight into the tile: fp32 output, or the operands' own dtype (cuBLAS rounds once at the end)
+    if tile.dtype == torch.float32:
+        matmul_f32(hidden, weight_t, compute_dtype, out=tile)
+    elif hidden.dtype == tile.dtype:
+        torch.mm(hidden, weight_t, out=tile)
+    else:  # fp32 operands (CPU) into a narrow tile
+        tile.copy_(matmul_f32(hidden, weight_t, compute_dtype))
 
 
 def _write_weight_grad(out: Tensor, grad_t: Tensor, hidden: Tensor, compute_dtype: torch.dtype) -> None:

@@ -26,7 +26,7 @@ __all__ = ["logits_grad_", "logits_grad_reference", "narrow_view"]
 
 @triton.jit
 def _logits_grad_kernel(
-    tile_ptr,  # [rows, cols] fp32 raw logits, read
+    tile_ptr,  # [rows, cols] raw logits, read (fp32, bf16 or fp16)
     tile_stride,
     grad_ptr,  # [rows, cols] gradient, written (may alias tile_ptr)
     grad_stride,
@@ -61,7 +61,7 @@ def _logits_grad_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
-        raw = tl.load(in_row + cols, mask=in_chunk, other=0.0)
+        raw = tl.load(in_row + cols, mask=in_chunk, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
         z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
@@ -94,8 +94,8 @@ def _block_size(n_cols: int, block: int | None) -> int:
 
 
 def logits_grad_(
-    tile: Tensor,  # [rows, cols] fp32 raw logits
-    grad: Tensor,  # [rows, cols] output, may be narrow_view(tile, dtype)
+    tile: Tensor,  # [rows, cols] raw logits (fp32, or bf16/fp16)
+    grad: Tensor,  # [rows, cols] output, may be the tile itself or narrow_view(tile, dtype)
     bias: Tensor | None,  # [cols]
     targets: Tensor,  # [rows] int64
     log_z: Tensor,  # [rows] fp32
@@ -108,8 +108,10 @@ def logits_grad_(
 ) -> Tensor:
     """Write ``dL/dy`` for one tile (vocabulary columns ``vocab_start + [0, cols)``) into ``grad``; returns it."""
     rows, cols = tile.shape
-    if tile.dtype != torch.float32 or tile.stride(1) != 1 or grad.stride(1) != 1:
-        raise ValueError("tile must be fp32 and tile/grad must have unit stride along the vocabulary")
+    if tile.stride(1) != 1 or grad.stride(1) != 1:
+        raise ValueError("tile and grad must have unit stride along the vocabulary")
+    if grad.element_size() > tile.element_size() and grad.data_ptr() == tile.data_ptr():
+        raise ValueError(f"a {grad.dtype} gradient cannot overwrite a narrower {tile.dtype} tile in place")
     if grad_entropy is not None and entropy is None:
         raise ValueError("entropy is required with grad_entropy")
     if rows == 0:

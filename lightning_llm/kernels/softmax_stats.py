@@ -70,7 +70,7 @@ class SoftmaxStats:
 
 @triton.jit
 def _fold_stats_kernel(
-    tile_ptr,  # [rows, cols] fp32 raw logits of one vocabulary chunk
+    tile_ptr,  # [rows, cols] raw logits of one vocabulary chunk (fp32, bf16 or fp16)
     tile_stride,
     bias_ptr,  # [cols] bias of the chunk (read only if HAS_BIAS)
     targets_ptr,  # [rows] int64 token ids
@@ -108,7 +108,7 @@ def _fold_stats_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
-        raw = tl.load(row_ptr + cols, mask=in_chunk, other=0.0)
+        raw = tl.load(row_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
         z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
@@ -145,12 +145,15 @@ def _fold_stats_kernel(
         tl.store(best_before_ptr + row, best_before)
 
 
+_TILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _block_size(n_cols: int, block: int | None) -> int:
     return block or min(1024, triton.next_power_of_2(max(n_cols, 16)))
 
 
 def fold_softmax_stats(
-    tile: Tensor,  # [rows, cols] fp32, unit stride along cols
+    tile: Tensor,  # [rows, cols] fp32 (or bf16/fp16), unit stride along cols
     bias: Tensor | None,  # [cols]
     targets: Tensor,  # [rows] int64
     stats: SoftmaxStats,  # [rows] each, updated in place
@@ -166,8 +169,8 @@ def fold_softmax_stats(
     rows, cols = tile.shape
     if rows == 0:
         return
-    if tile.dtype != torch.float32 or tile.stride(1) != 1:
-        raise ValueError("tile must be fp32 with unit stride along the vocabulary")
+    if tile.dtype not in _TILE_DTYPES or tile.stride(1) != 1:
+        raise ValueError(f"tile must be fp32/bf16/fp16 with unit stride along the vocabulary, got {tile.dtype}")
     want_entropy, want_top1, want_mean, want_sq = want
     block = _block_size(cols, block)
     _fold_stats_kernel[(rows,)](

@@ -102,6 +102,18 @@ def _validate(
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
+def _gather_if_sharded(tensor: Tensor | None) -> Tensor | None:
+    # FSDP2 keeps parameters as sharded DTensors outside their module's forward; the head needs every row.
+    # full_tensor() is differentiable: its backward hands each rank the gradient of its own shard.
+    if tensor is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _scatter_rows(values: Tensor | None, index: Tensor | None, n_rows: int, shape: torch.Size) -> Tensor | None:
     # Back from the compacted valid rows to every position; ignored ones get 0 / False
     if values is None:
@@ -151,10 +163,13 @@ def linear_logprobs(
         impl: ``auto`` (Triton for CUDA tensors when available, else chunked), ``triton``, ``chunked`` or
             ``eager`` (full logits, for testing).
 
+    A ``weight`` (or ``bias``) sharded as a DTensor (FSDP2) is gathered first, differentiably.
+
     Returns:
         :class:`TokenLogProbs`; outputs not requested are None. Gradients reach ``hidden``, ``weight`` and
         ``bias`` from any upstream gradient on ``logps`` and ``entropy``.
     """
+    weight, bias = _gather_if_sharded(weight), _gather_if_sharded(bias)
     _validate(hidden, weight, targets, bias, chunk_size)
     transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
     impl = resolve_impl(impl, hidden.device)

@@ -116,6 +116,23 @@ def test_bf16_inputs_and_narrow_gradient_tiles(token_rows: int) -> None:
         assert rel_err(actual.cpu(), reference) <= 2e-2
 
 
+def test_bf16_logits_tiles() -> None:
+    rows, vocab, width = 12, 41, 16
+    hidden, weight, _, targets, grad_logps, grad_entropy = make_inputs(rows, vocab, width, seed=9,
+                                                                        dtype=torch.bfloat16)
+    tiles = TileConfig(vocab_chunk=16, block=8, logits_dtype=torch.bfloat16)
+    leaves, outputs = apply(hidden, weight, None, targets, dict(temperature=0.8), 5, tiles)
+    expected = reference_outputs(hidden, weight, targets, temperature=0.8)
+    for key, value in zip(OUTPUTS, outputs):
+        if key != "is_top1":
+            assert rel_err(value.cpu(), expected[key]) <= 1e-2, key
+    objective = (outputs[0] * grad_logps.to(DEVICE)).sum() + (outputs[1] * grad_entropy.to(DEVICE)).sum()
+    got = torch.autograd.grad(objective, leaves[:2])
+    want = reference_grads(hidden, weight, targets, grad_logps, grad_entropy, temperature=0.8)
+    assert rel_err(got[0].cpu(), want[0]) <= 2e-2
+    assert rel_err(got[1].cpu(), want[1]) <= 2e-2
+
+
 def test_dispatch_through_linear_logprobs_with_ignored_tokens() -> None:
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(3, 5, 12, generator=generator)

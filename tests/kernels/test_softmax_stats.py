@@ -93,8 +93,18 @@ def test_argmax_ties_across_chunks_go_to_the_first() -> None:
     assert is_top1.cpu().tolist() == [True, False, False]
 
 
-def test_rejects_a_non_fp32_tile() -> None:
-    tile = torch.randn(2, 8, device=DEVICE).to(torch.bfloat16)
+def test_rejects_a_float64_tile() -> None:
+    tile = torch.randn(2, 8, device=DEVICE, dtype=torch.float64)
     stats = SoftmaxStats.empty(2, DEVICE)
     with pytest.raises(ValueError, match="tile"):
         fold_softmax_stats(tile, None, torch.tensor([0, 1], device=DEVICE), stats, 0, LogitTransform(), (True,) * 4)
+
+
+def test_bf16_tile_matches_reference() -> None:
+    generator = torch.Generator().manual_seed(3)
+    raw = (torch.randn(6, 33, generator=generator) * 3).to(torch.bfloat16).to(DEVICE)
+    targets = torch.randint(0, 33, (6,), generator=generator).to(DEVICE)
+    kernel = fold_all(raw, None, targets, LogitTransform(temperature=0.9), (True,) * 4, chunk=16, block=8)
+    reference = fold_all(raw, None, targets, LogitTransform(temperature=0.9), (True,) * 4, chunk=16, reference=True)
+    for got, want in zip(kernel.finish(33), reference.finish(33)):
+        assert torch.allclose(got.float(), want.float(), rtol=1e-5, atol=1e-5)

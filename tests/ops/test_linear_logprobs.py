@@ -254,3 +254,25 @@ def test_bad_options_raise(kwargs: dict, argument: str) -> None:
 def test_bad_tensors_raise(hidden, weight, targets, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         linear_logprobs(hidden, weight, targets, impl="chunked")
+
+
+def test_sharded_dtensor_weight_is_gathered(tmp_path) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        case = CASES["plain"]
+        hidden, weight, _, targets, grad_logps, _ = make_inputs(case, seed=8)
+        sharded = torch.nn.Parameter(distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Shard(0)]))
+        out = linear_logprobs(hidden, sharded, targets, impl="chunked")
+        (out.logps * grad_logps).sum().backward()
+        assert isinstance(sharded.grad, DTensor)
+        want = reference_grads(hidden, weight, targets, grad_logps, None)[1]
+        assert rel_err(sharded.grad.full_tensor(), want) <= 1e-4
+        assert rel_err(out.logps, reference_outputs(hidden, weight, targets)["logps"]) <= 1e-5
+    finally:
+        dist.destroy_process_group()
