@@ -165,6 +165,11 @@ def validate_row(row_data: Mapping[str, Any], fmt: DataFormat, name: str, row: i
             if not isinstance(row_data["conversations"], list) or not row_data["conversations"]:
                 raise ValueError(f"{_where(name, row, 'conversations')}: expected a non-empty list of turns")
             validate_messages(sharegpt_to_messages(row_data["conversations"], name, row), name, row, "conversations")
+        elif conv:
+            raise ValueError(
+                f"{_where(name, row, 'messages')}: missing value (a conversational dataset needs 'messages' or "
+                "ShareGPT 'conversations' in every row)"
+            )
         else:
             _require(row_data, ["text"], name, row)
             validate_text(row_data["text"], name, row, "text", False)
