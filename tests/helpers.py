@@ -1,0 +1,79 @@
+"""Small shared pieces for the data, model and module tests (imported as ``helpers``; ``tests/`` is on ``sys.path``
+because the root ``conftest.py`` lives there)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import torch
+from lightning import Callback, Trainer
+
+from lightning_llm.assets import sample_path
+
+IGNORE = -100
+
+
+def sample_rows(name: str, n: int | None = None) -> list[dict]:
+    """Rows of a shipped sample, read straight from its JSONL file (independently of ``load_rows``)."""
+    with open(sample_path(name), encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows if n is None else rows[:n]
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A CPU trainer without progress bar, logger, checkpoints or model summary (each overridable)."""
+    options: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return Trainer(**options)
+
+
+class StepMetrics(Callback):
+    """Records ``trainer.callback_metrics`` once per optimizer step (after the step's last micro-batch)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step > len(self.steps):
+            self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    def series(self, name: str) -> list[float]:
+        return [step[name] for step in self.steps]
+
+
+def sgd(lr: float):
+    """An ``optimizer`` callable for the modules: plain SGD (no momentum, no decay)."""
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``scheduler`` callable for the modules: constant learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def reference_nll_sum(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
+                      labels: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Summed next-token NLL of each sequence run ALONE through ``model`` (no padding, no packing), in float64
+    from the model's own logits. Differentiable. ``labels`` (``-100`` = no loss) default to the sequence itself."""
+    total = torch.zeros((), dtype=torch.float64)
+    for k, seq in enumerate(sequences):
+        ids = torch.tensor([list(seq)])
+        target = torch.tensor(list(labels[k]) if labels is not None else list(seq))[1:]
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        keep = target != IGNORE
+        total = total - logp[keep].gather(-1, target[keep].unsqueeze(-1)).sum()
+    return total
+
+
+def char_span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token whose character span lies inside one of ``spans`` (from a fast tokenizer's offsets)."""
+    out = []
+    for start, end in offsets:
+        inside = end > start and any(lo <= start and end <= hi for lo, hi in spans)
+        out.append(int(inside))
+    return out
