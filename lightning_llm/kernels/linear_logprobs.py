@@ -113,7 +113,9 @@ class TritonLinearLogProbs(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx: Any, grad_logps: Tensor | None, grad_entropy: Tensor | None, *_: Any) -> tuple:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logps: Tensor | None, grad_entropy: Tensor | None, *_: Any
+    ) -> tuple:
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         nones = (None,) * 6
         if grad_logps is None and grad_entropy is None:
@@ -161,7 +163,8 @@ def _backward(
     single_token_chunk = token_rows >= n_rows
 
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
-    grad_weight = torch.empty_like(weight) if need_weight else None
+    # Every slice is written by the vocabulary loop below, unless there are no tokens at all
+    grad_weight = (torch.empty_like(weight) if n_rows else torch.zeros_like(weight)) if need_weight else None
     grad_bias = torch.zeros(vocab_size, device=device, dtype=torch.float32) if need_bias else None
     # fp32 partial sums of one weight-gradient slice when the tokens span several chunks
     weight_scratch = (

@@ -148,7 +148,9 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         return logps, entropy, is_top1, mean_logits, log_sum_sq
 
     @staticmethod
-    def backward(ctx: Any, grad_logps: Tensor | None, grad_entropy: Tensor | None, *_: Any) -> tuple:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logps: Tensor | None, grad_entropy: Tensor | None, *_: Any
+    ) -> tuple:
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
             return (None,) * 8

@@ -192,3 +192,13 @@ def test_cuda_matches_float64_at_a_realistic_vocab(dtype: torch.dtype) -> None:
     want = reference_grads(hidden, weight, targets, upstream, None, softcap=30.0)
     assert rel_err(got[0], want[0]) <= grad_tol
     assert rel_err(got[1], want[1]) <= grad_tol
+
+
+def test_all_targets_ignored() -> None:
+    hidden = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(19, 8, device=DEVICE, requires_grad=True)
+    targets = torch.full((2, 3), -100, device=DEVICE)
+    out = linear_logprobs(hidden, weight, targets, impl="triton", return_entropy=True)
+    assert torch.equal(out.logps.cpu(), torch.zeros(2, 3)) and torch.equal(out.entropy.cpu(), torch.zeros(2, 3))
+    (out.logps.sum() + out.entropy.sum()).backward()
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
