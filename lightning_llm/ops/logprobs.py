@@ -171,7 +171,11 @@ def linear_logprobs(
     """
     weight, bias = _gather_if_sharded(weight), _gather_if_sharded(bias)
     _validate(hidden, weight, targets, bias, chunk_size)
-    transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    transform = LogitTransform(
+        logit_scale=float(logit_scale),
+        softcap=float(softcap) if softcap is not None else None,
+        temperature=float(temperature),
+    )
     impl = resolve_impl(impl, hidden.device)
     want = (return_entropy, return_is_top1, return_mean_logits, return_log_sum_sq_probs)
     compute_dtype = _compute_dtype(hidden, weight)
