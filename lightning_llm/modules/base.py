@@ -79,6 +79,17 @@ class MetricBuffer:
         }
 
 
+def _is_plain(value: Any) -> bool:
+    """Whether a hyperparameter is plain data (what YAML can hold), as opposed to an object."""
+    if value is None or isinstance(value, (str, int, float, bool, os.PathLike)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
 def decay_parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: with weight decay, and without it for biases and normalisation weights
     (the ``transformers.Trainer`` convention TRL inherits)."""
@@ -176,8 +187,10 @@ class LLMModule(L.LightningModule):
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
         if not isinstance(model, (str, os.PathLike, PreTrainedModel)):
             raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
-        self.save_hyperparameters(ignore=self._object_arguments(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                                               scheduler=scheduler, peft_config=peft_config))
+        self.save_hyperparameters()
+        # Objects (models, tokenizers, callables) would be pickled into every checkpoint; keep plain values only.
+        for name in [k for k, v in self.hparams.items() if not _is_plain(v)]:
+            del self.hparams[name]
         self.model_source = model
         self.model_load_kwargs = dict(
             dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
@@ -204,12 +217,6 @@ class LLMModule(L.LightningModule):
             self.model = self._prepare_policy(load_model(model, dtype=dtype))
         self._metrics = {"train": MetricBuffer(), "val": MetricBuffer()}
         self.num_tokens_seen = 0.0
-
-    @staticmethod
-    def _object_arguments(**arguments: Any) -> list[str]:
-        """Arguments holding objects (models, tokenizers, callables) are kept out of the saved hyperparameters."""
-        return [name for name, value in arguments.items()
-                if value is not None and not isinstance(value, (str, int, float, bool, dict, list, os.PathLike))]
 
     # ------------------------------------------------------------------------------------------------- the model
     @property

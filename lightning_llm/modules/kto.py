@@ -1,0 +1,98 @@
+"""``KTOModule``: Kahneman-Tversky Optimization on unpaired feedback (TRL's ``KTOTrainer``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_llm.losses.kto import KTO_LOSSES, kto_kl_estimate, kto_loss, kto_weight_ranges
+from lightning_llm.modules.preference import PreferenceModule, kl_batch
+
+log = logging.getLogger(__name__)
+
+
+class KTOModule(PreferenceModule):
+    """KTO (Ethayarajh et al., 2024, arXiv:2402.01306) on an :class:`~lightning_llm.UnpairedPreferenceDataModule`.
+
+    Desirable completions are pushed above, undesirable ones below, the reference point ``z₀ = KL(π‖π_ref)``,
+    estimated (without gradient) on the batch's mismatched (prompt, completion) pairs and averaged over processes.
+    ``apo_zero_unpaired`` (APO, arXiv:2408.06266) needs no KL term. When the classes are imbalanced and neither
+    class weight is in the range of the paper's Eq. 8, a warning gives the recommended weights.
+
+    Logs (TRL names): ``loss``, ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``logps/chosen``, ``logps/rejected``, ``logits/chosen``, ``logits/rejected``, ``entropy``, ``num_tokens``.
+
+    Args:
+        model: see :class:`~lightning_llm.modules.preference.PreferenceModule`.
+        tokenizer: see :class:`~lightning_llm.modules.preference.PreferenceModule`.
+        loss_type: ``kto`` or ``apo_zero_unpaired``.
+        desirable_weight: ``λ_D``, weight of the desirable examples' losses.
+        undesirable_weight: ``λ_U``, weight of the undesirable examples' losses.
+        learning_rate: TRL's KTO default, 1e-6.
+        **kwargs: the :class:`~lightning_llm.modules.preference.PreferenceModule` arguments (beta, ref_model,
+            precompute_ref_log_probs, ...) and the :class:`~lightning_llm.modules.base.LLMModule` ones.
+    """
+
+    def __init__(self, model: Any = "tiny-llama", tokenizer: Any = None, *, loss_type: str = "kto",
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0, learning_rate: float = 1e-6,
+                 **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
+        if loss_type not in KTO_LOSSES:
+            raise ValueError(f"loss_type must be one of {sorted(KTO_LOSSES)}, got {loss_type!r}")
+        if desirable_weight < 0 or undesirable_weight < 0:
+            raise ValueError("desirable_weight and undesirable_weight must be >= 0")
+        self.loss_type = loss_type
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    @property
+    def calculate_kl(self) -> bool:
+        return self.loss_type != "apo_zero_unpaired"
+
+    @property
+    def reference_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("ref_logps", "ref_kl_logps") if self.calculate_kl else ("ref_logps",)
+
+    def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        values = {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch))}
+        if self.calculate_kl:
+            values["ref_kl_logps"] = self.reduce_logps(self.reference_completion_logps(kl_batch(batch)))
+        return values
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_dataset", None)
+        if dataset is None or not len(dataset) or "label" not in dataset[0]:
+            return
+        num_desirable = sum(1 for ex in dataset.examples if ex["label"])
+        num_undesirable = len(dataset) - num_desirable
+        if num_desirable and num_undesirable and num_desirable != num_undesirable:
+            ranges = kto_weight_ranges(num_desirable, num_undesirable, self.desirable_weight, self.undesirable_weight)
+            if not ranges.contains(self.desirable_weight, self.undesirable_weight):
+                log.warning(
+                    "The data has %d desirable and %d undesirable examples; with these class weights the paper's "
+                    "Eq. 8 recommends EITHER desirable_weight in [%.2f, %.2f] OR undesirable_weight in [%.2f, %.2f] "
+                    "(not both).", num_desirable, num_undesirable, *ranges.desirable, *ranges.undesirable,
+                )
+
+    def _mean_over_processes(self, value: Tensor) -> Tensor:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self._reduce_sum(value.detach().float()) / world
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        policy = self.completion_logps(self.model, batch, return_entropy=True, return_mean_logits=True)
+        policy_logps = self.reduce_logps(policy)
+        ref = batch if all(k in batch for k in self.reference_keys) else self.reference_values(batch)
+        kl = None
+        if self.calculate_kl:
+            with torch.no_grad():
+                policy_kl = self.reduce_logps(self.completion_logps(self.model, kl_batch(batch)))
+            kl = self._mean_over_processes(kto_kl_estimate(policy_kl, ref["ref_kl_logps"]))
+        out = kto_loss(policy_logps, ref["ref_logps"], batch["label"], kl, beta=self.beta, loss_type=self.loss_type,
+                       desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        self.record("kl", out.kl)
+        self.record_unpaired_metrics(policy, batch["label"], out.chosen_rewards, out.rejected_rewards)
+        return out.losses.nanmean()

@@ -1,0 +1,371 @@
+"""``PreferenceModule``: what the offline preference algorithms share (DPO, ORPO, CPO, KTO, BCO).
+
+* The reference model: a frozen copy of the policy loaded once (eval mode, dropout off, no gradient, never in the
+  optimizer, left out of checkpoints); under PEFT the policy itself with its adapters disabled (no second copy);
+  or log-probs precomputed once before training and stored with the dataset (``precompute_ref_log_probs``), after
+  which the copy is released; or nothing at all for reference-free losses.
+* Completion log-probs of every sequence of a batch in one policy forward (chosen and rejected concatenated, or packed
+  padding-free) and one ``no_grad`` reference forward, through the one log-prob path.
+* TR-DPO reference syncing (``sync_ref_model``) through :class:`~lightning_llm.callbacks.SyncRefModelCallback`.
+
+Subclasses implement :meth:`PreferenceModule.compute_loss` with a loss from :mod:`lightning_llm.losses`.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_llm.models.loading import load_model
+from lightning_llm.models.peft import disabled_adapters, is_peft_model
+from lightning_llm.modules.base import LLMModule
+from lightning_llm.ops import TokenLogProbs
+from lightning_llm.utils.model import disable_dropout_in_model
+
+log = logging.getLogger(__name__)
+
+REF_PREFIX = "ref_model."
+
+
+@dataclass
+class CompletionLogps:
+    """Log-probs of the completions of a batch of ``R`` sequences (``R = 2B`` for pairs, chosen rows first).
+
+    Token tensors are ``[R, L]`` and aligned the same way whatever the batching (padded or padding-free): column ``t``
+    scores the sequence's token ``t + 1``.
+    """
+
+    token_logps: Tensor  # [R, L] log p of each scored token, 0 elsewhere
+    mask: Tensor  # [R, L] bool, the completion tokens
+    outputs: TokenLogProbs  # per-token extras (entropy, is_top1, ...) in the same [R, L] layout
+    scored: Tensor  # [R, L] bool, every token scored (the completion, plus the chosen prompts when asked)
+
+    @property
+    def completion_token_logps(self) -> Tensor:
+        """``[R, L]`` log-probs of the completion tokens only."""
+        return torch.where(self.mask, self.token_logps, 0.0)
+
+    @property
+    def sums(self) -> Tensor:
+        """``[R]`` summed completion log-probs."""
+        return self.completion_token_logps.sum(dim=1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """``[R]`` completion token counts."""
+        return self.mask.sum(dim=1)
+
+    @property
+    def means(self) -> Tensor:
+        """``[R]`` per-token average completion log-probs."""
+        return self.sums / self.lengths.clamp(min=1)
+
+
+def unflatten_tokens(values: Tensor, batch: dict[str, Tensor], num_sequences: int) -> Tensor:
+    """Scatter padding-free per-target values ``[1, N-1]`` into a ``[R, L]`` per-sequence layout.
+
+    The value at flat position ``p`` scores token ``p + 1``, which is token ``position_ids[p + 1]`` of sequence
+    ``seq_index[p + 1]``; it lands in column ``position_ids[p + 1] - 1`` of that row (as in the padded layout).
+    Sequence starts (position 0) score nothing and are skipped.
+    """
+    seq = batch["seq_index"][0, 1:]  # [N-1]
+    pos = batch["position_ids"][0, 1:]
+    keep = (seq >= 0) & (pos > 0)
+    width = int(pos.max().item()) if keep.any() else 1
+    out = values.new_zeros((num_sequences, width))
+    out[seq[keep], pos[keep] - 1] = values[0][keep]
+    return out
+
+
+class PreferenceModule(LLMModule, abc.ABC):
+    """Shared base of the offline preference modules; see the module docstring.
+
+    Args:
+        model: see :class:`~lightning_llm.modules.base.LLMModule`.
+        tokenizer: see :class:`~lightning_llm.modules.base.LLMModule`.
+        beta: temperature of the implicit reward ``β log(π/π_ref)`` (or the algorithm's own β).
+        ref_model: reference model (hub id, path, preset or model object); default: a frozen copy of the initial
+            policy (under PEFT: the policy with adapters disabled).
+        precompute_ref_log_probs: compute the reference log-probs of the whole dataset once before training and
+            free the reference model.
+        precompute_ref_batch_size: batch size of that pass (default: the data module's).
+        sync_ref_model: TR-DPO: mix the policy into the reference every ``ref_model_sync_steps`` steps.
+        ref_model_mixup_alpha: ``α`` of ``θ_ref ← (1 - α) θ_ref + α θ``.
+        ref_model_sync_steps: steps between two syncs.
+        disable_dropout: turn dropout off in the policy and reference (TRL's default for preference training).
+        **kwargs: the other :class:`~lightning_llm.modules.base.LLMModule` arguments.
+    """
+
+    #: whether the algorithm needs reference log-probs (ORPO and CPO do not)
+    uses_reference: bool = True
+
+    def __init__(
+        self,
+        model: Any = "tiny-llama",
+        tokenizer: Any = None,
+        *,
+        beta: float = 0.1,
+        ref_model: Any = None,
+        precompute_ref_log_probs: bool = False,
+        precompute_ref_batch_size: int | None = None,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
+        disable_dropout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if sync_ref_model and precompute_ref_log_probs:
+            raise ValueError("sync_ref_model changes the reference during training; it cannot be precomputed")
+        if not 0.0 < ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
+        if ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
+        self.beta = beta
+        self.ref_model_source = ref_model
+        self.precompute_ref_log_probs = precompute_ref_log_probs
+        self.precompute_ref_batch_size = precompute_ref_batch_size
+        self.sync_ref_model = sync_ref_model
+        self.ref_model_mixup_alpha = ref_model_mixup_alpha
+        self.ref_model_sync_steps = ref_model_sync_steps
+        self.disable_dropout = disable_dropout
+        self.ref_model: nn.Module | None = None
+        self._reference_precomputed = False
+
+    # ------------------------------------------------------------------------------------------------ reference
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.disable_dropout:
+            disable_dropout_in_model(self.model)
+        if self.ref_model is None and self.uses_reference and not self._reference_precomputed:
+            self.ref_model = self._build_reference()
+
+    def _build_reference(self) -> nn.Module | None:
+        if self.ref_model_source is None and is_peft_model(self.model):
+            if self.sync_ref_model:
+                raise ValueError("sync_ref_model needs a separate reference model; under PEFT the reference is the "
+                                 "policy with adapters disabled. Pass ref_model=... to use one.")
+            return None  # the policy with its adapters disabled
+        if self.ref_model_source is not None:
+            ref = load_model(self.ref_model_source, task=self.model_task, **self.model_load_kwargs)
+        elif isinstance(self.model_source, nn.Module):
+            ref = copy.deepcopy(self.model_source)
+        else:
+            ref = load_model(self.model_source, task=self.model_task, **self.model_load_kwargs)
+        ref.requires_grad_(False)
+        ref.eval()
+        disable_dropout_in_model(ref)
+        return ref
+
+    def train(self, mode: bool = True) -> PreferenceModule:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()  # the reference is never in training mode (no dropout)
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The reference is rebuilt from its source; unless TR-DPO updates it, it need not be saved.
+        if not self.sync_ref_model:
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith(REF_PREFIX)]:
+                del state[key]
+        checkpoint["lightning_llm"]["reference_precomputed"] = self._reference_precomputed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
+            for key, value in self.ref_model.state_dict().items():
+                state[REF_PREFIX + key] = value
+
+    def configure_callbacks(self) -> list:
+        if not self.sync_ref_model:
+            return []
+        from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback
+
+        return [SyncRefModelCallback(sync_steps=self.ref_model_sync_steps, alpha=self.ref_model_mixup_alpha)]
+
+    # ---------------------------------------------------------------------------------------------- log-probs
+    def completion_logps(self, model: nn.Module, batch: dict[str, Tensor], *, return_entropy: bool = False,
+                         return_is_top1: bool = False, return_mean_logits: bool = False,
+                         return_log_sum_sq_probs: bool = False, score_chosen_prompts: bool = False
+                         ) -> CompletionLogps:
+        """Completion log-probs of every sequence of ``batch`` under ``model`` (one forward).
+
+        ``score_chosen_prompts`` also scores the prompt tokens of the chosen sequences (the first half of the rows),
+        for losses with an NLL term over the whole chosen sequence (ORPO).
+        """
+        completion_mask = batch["completion_mask"].bool()
+        to_score = completion_mask
+        if score_chosen_prompts:
+            to_score = completion_mask | _chosen_tokens(batch)
+        labels = batch["input_ids"].masked_fill(~to_score, -100)
+        out = self.token_logprobs(
+            model, batch["input_ids"], labels, attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), return_entropy=return_entropy, return_is_top1=return_is_top1,
+            return_mean_logits=return_mean_logits, return_log_sum_sq_probs=return_log_sum_sq_probs,
+        )
+        mask, scored = completion_mask[:, 1:], to_score[:, 1:]
+        if "seq_index" in batch:
+            num_sequences = int(batch["seq_index"].max().item()) + 1
+            mask = unflatten_tokens(mask, batch, num_sequences)
+            scored = unflatten_tokens(scored, batch, num_sequences)
+            out = TokenLogProbs(*(None if t is None else unflatten_tokens(t, batch, num_sequences) for t in out))
+        return CompletionLogps(token_logps=out.logps, mask=mask, outputs=out, scored=scored)
+
+    @torch.no_grad()
+    def reference_completion_logps(self, batch: dict[str, Tensor]) -> CompletionLogps:
+        """Completion log-probs under the reference: the frozen copy, or the policy with adapters disabled."""
+        if self.ref_model is not None:
+            return self.completion_logps(self.ref_model, batch)
+        if not is_peft_model(self.model):
+            raise ValueError(
+                f"{type(self).__name__} has no reference model (precomputed log-probs were expected in the batch)"
+            )
+        with disabled_adapters(self.model):
+            return self.completion_logps(self.model, batch)
+
+    def reduce_logps(self, logps: CompletionLogps) -> Tensor:
+        """``[R]`` sequence log-probs the loss uses (the sum; DPO's LD variant overrides it)."""
+        return logps.sums
+
+    #: batch/example keys holding precomputed reference log-probs
+    reference_keys: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
+
+    def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Reference log-probs of a batch under :attr:`reference_keys`: ``[B]`` chosen and rejected sums."""
+        chosen, rejected = self.reduce_logps(self.reference_completion_logps(batch)).chunk(2)
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[2B]`` reference sequence log-probs of a pair batch (chosen then rejected): precomputed ones carried by
+        the batch, else a ``no_grad`` reference forward."""
+        values = batch if "ref_chosen_logps" in batch else self.reference_values(batch)
+        return torch.cat([values["ref_chosen_logps"], values["ref_rejected_logps"]])
+
+    # ------------------------------------------------------------------------------------------- precompute
+    def on_fit_start(self) -> None:
+        self._maybe_precompute_reference()
+
+    def on_validation_start(self) -> None:
+        self._maybe_precompute_reference()
+
+    def _maybe_precompute_reference(self) -> None:
+        if not (self.precompute_ref_log_probs and self.uses_reference):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("precompute_ref_log_probs needs the data to come from a lightning_llm data module")
+        for dataset in (getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)):
+            if dataset is None or not len(dataset) or all(k in dataset[0] for k in self.reference_keys):
+                continue
+            self.precompute_reference(dataset.examples, datamodule.collate,
+                                      self.precompute_ref_batch_size or datamodule.batch_size)
+        self._reference_precomputed = True
+        if self.ref_model is not None:
+            log.info("Reference log-probs precomputed; releasing the reference model.")
+            self.ref_model = None
+
+    @torch.no_grad()
+    def precompute_reference(self, examples: list[dict], collate, batch_size: int) -> None:
+        """Compute the reference log-probs of every example once and store them in the examples."""
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start: start + batch_size]
+                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in collate(chunk).items()}
+                for key, values in self.reference_values(batch).items():
+                    for example, value in zip(chunk, values.float().cpu().tolist()):
+                        example[key] = value
+        finally:
+            self.train(was_training)
+
+    # --------------------------------------------------------------------------------------------------- steps
+    @abc.abstractmethod
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The loss of one batch; records the algorithm's metrics with :meth:`record`."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.record("loss", loss)
+        self.count_input_tokens(batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.record("loss", self.compute_loss(batch))
+
+    def record_pair_metrics(self, policy: CompletionLogps, chosen_rewards: Tensor, rejected_rewards: Tensor,
+                            chosen_logps: Tensor, rejected_logps: Tensor) -> None:
+        """TRL's pair metrics: rewards/*, logps/*, logits/*, entropy, mean_token_accuracy."""
+        self.record_mean("rewards/chosen", chosen_rewards)
+        self.record_mean("rewards/rejected", rejected_rewards)
+        self.record_mean("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+        self.record_mean("rewards/margins", chosen_rewards - rejected_rewards)
+        self.record_mean("logps/chosen", chosen_logps)
+        self.record_mean("logps/rejected", rejected_logps)
+        self.record_token_metrics(policy, paired=True)
+
+    def record_unpaired_metrics(self, policy: CompletionLogps, labels: Tensor, chosen_rewards: Tensor,
+                                rejected_rewards: Tensor) -> None:
+        """TRL's unpaired (KTO/BCO) metrics: per-class rewards, logps and logits, their margin, and entropy."""
+        labels = labels.bool()
+        sums = policy.sums.detach()
+        self.record("rewards/chosen", chosen_rewards.sum(), chosen_rewards.numel())
+        self.record("rewards/rejected", rejected_rewards.sum(), rejected_rewards.numel())
+        self.record("logps/chosen", sums[labels].sum(), labels.sum())
+        self.record("logps/rejected", sums[~labels].sum(), (~labels).sum())
+        if chosen_rewards.numel() and rejected_rewards.numel():
+            self.record("rewards/margins", chosen_rewards.mean() - rejected_rewards.mean())
+        mean_logits = policy.outputs.mean_logits
+        if mean_logits is not None:
+            for name, rows in (("logits/chosen", labels), ("logits/rejected", ~labels)):
+                mask = policy.mask & rows[:, None]
+                self.record(name, torch.where(mask, mean_logits, 0.0).sum(), mask.sum())
+        self.record_token_metrics(policy, paired=False)
+
+    def record_token_metrics(self, policy: CompletionLogps, paired: bool) -> None:
+        """Token-level metrics: entropy over all completions; for pairs, logits/* and accuracy on the chosen side."""
+        mask = policy.mask
+        out = policy.outputs
+        if out.entropy is not None:
+            self.record("entropy", torch.where(mask, out.entropy.detach(), 0.0).sum(), mask.sum())
+        if not paired:
+            return
+        chosen_mask, rejected_mask = mask.chunk(2)
+        if out.mean_logits is not None:
+            chosen_logits, rejected_logits = out.mean_logits.chunk(2)
+            self.record("logits/chosen", torch.where(chosen_mask, chosen_logits, 0.0).sum(), chosen_mask.sum())
+            self.record("logits/rejected", torch.where(rejected_mask, rejected_logits, 0.0).sum(),
+                        rejected_mask.sum())
+        if out.is_top1 is not None:
+            chosen_top1 = out.is_top1.chunk(2)[0]
+            self.record("mean_token_accuracy", (chosen_top1 & chosen_mask).sum(), chosen_mask.sum())
+
+
+def kl_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The mismatched (prompt, completion) sequences of an unpaired batch, as a batch of their own."""
+    return {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "completion_mask")}
+
+
+def _chosen_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """Bool mask of the real tokens of the chosen sequences (first half of the sequences) of a pair batch."""
+    if "seq_index" in batch:
+        seq = batch["seq_index"]
+        num_sequences = int(seq.max().item()) + 1
+        return (seq >= 0) & (seq < num_sequences // 2) & (batch["position_ids"] > 0)
+    real = batch["attention_mask"].bool()
+    first_half = torch.zeros_like(real)
+    first_half[: real.shape[0] // 2] = True
+    return real & first_half
+
+

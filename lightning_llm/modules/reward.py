@@ -1,0 +1,134 @@
+"""``RewardModule``: outcome reward models trained on preference pairs (TRL's ``RewardTrainer``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAccuracy
+from transformers import PreTrainedModel
+
+from lightning_llm.losses.reward import reward_loss
+from lightning_llm.models.loading import load_model
+from lightning_llm.modules.base import LLMModule
+
+
+class RewardModule(LLMModule):
+    """A sequence classifier with one output scored on each chosen and rejected sequence of a
+    :class:`~lightning_llm.PreferenceDataModule` batch, trained with ``-log σ(r_w - r_l - margin)`` (Bradley-Terry;
+    the ``margin`` column when the data has one) plus ``center_rewards_coefficient · (r_w + r_l)²``.
+
+    A causal-LM checkpoint (e.g. an SFT model, or a preset) gets a freshly initialised one-output score head. The
+    reward of a sequence is the head's output at its last non-padding token.
+
+    Logs (TRL names): ``loss``, ``accuracy``, ``margin``, ``min_reward``, ``mean_reward``, ``max_reward``,
+    ``num_tokens``; ``val/accuracy`` is a torchmetrics ``BinaryAccuracy`` of ``σ(r_w - r_l)`` against "chosen wins".
+
+    Args:
+        model: see :class:`~lightning_llm.modules.base.LLMModule`; a causal LM or a sequence classifier.
+        tokenizer: see :class:`~lightning_llm.modules.base.LLMModule`.
+        center_rewards_coefficient: weight of the reward-centring term (Eisenstein et al., 2023); None = off.
+        learning_rate: TRL's reward default, 1e-4.
+        **kwargs: the other :class:`~lightning_llm.modules.base.LLMModule` arguments (peft_config, ...).
+    """
+
+    def __init__(
+        self,
+        model: Any = "tiny-llama",
+        tokenizer: Any = None,
+        *,
+        center_rewards_coefficient: float | None = None,
+        learning_rate: float = 1e-4,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(model, PreTrainedModel) and getattr(model.config, "num_labels", None) != 1 \
+                and "SequenceClassification" not in type(model).__name__:
+            raise ValueError(
+                "RewardModule needs a sequence classifier with one output; pass the causal LM's path or hub id "
+                "instead of the model object, and the score head is added when loading"
+            )
+        super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
+        if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.val_accuracy = BinaryAccuracy()
+
+    @property
+    def model_task(self) -> str:
+        return "sequence_classification"
+
+    def build_model(self) -> PreTrainedModel:
+        kwargs = dict(self.model_load_kwargs)
+        return load_model(self.model_source, task="sequence_classification", num_labels=1, **kwargs)
+
+    def rewards(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+        """``[R]`` scalar reward of every sequence of a padded batch."""
+        if "attention_mask" not in batch:
+            raise ValueError("RewardModule needs padded batches (PreferenceDataModule(padding_free=False))")
+        model = model if model is not None else self.model
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits.squeeze(-1).float()
+
+    def _gathered(self, values: Tensor) -> Tensor:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.all_gather(values).reshape(-1)
+        return values
+
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        chosen, rejected = self.rewards(batch).chunk(2)
+        out = reward_loss(chosen, rejected, margin=batch.get("margin"),
+                          center_rewards_coefficient=self.center_rewards_coefficient)
+        loss = out.losses.mean()
+        self.record("loss", loss)
+        self.record_mean("margin", out.margins)
+        everything = self._gathered(out.rewards)
+        self.record("min_reward", everything.min())
+        self.record("max_reward", everything.max())
+        self.record_mean("mean_reward", out.rewards)
+        return loss, chosen.detach(), rejected.detach()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, chosen, rejected = self._step(batch)
+        self.record_mean("accuracy", (chosen > rejected).float())
+        self.count_input_tokens(batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, chosen, rejected = self._step(batch)
+        self.val_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
+        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+        """Rewards of ``(prompt, completion)`` pairs (strings, or conversations rendered with the chat template)."""
+        from lightning_llm.data.chat import render_ids, text_ids
+        from lightning_llm.data.collate import pad_sequences
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        model = self.ensure_model()
+        tok = self.tokenizer
+        seqs = []
+        for prompt, completion in zip(prompts, completions):
+            if isinstance(prompt, str):
+                seqs.append(text_ids(tok, prompt + completion))
+            else:
+                completion = completion if isinstance(completion, list) else [
+                    {"role": "assistant", "content": completion}]
+                seqs.append(render_ids(tok, list(prompt) + list(completion)))
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        scores: list[float] = []
+        try:
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start: start + batch_size]
+                batch = {
+                    "input_ids": pad_sequences(chunk, tok.pad_token_id).to(device),
+                    "attention_mask": pad_sequences([[1] * len(s) for s in chunk], 0).to(device),
+                }
+                scores += self.rewards(batch, model).tolist()
+        finally:
+            model.train(was_training)
+        return scores
