@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import lightning as L
 import torch
@@ -30,6 +30,10 @@ from lightning_llm.ops import TokenLogProbs, linear_logprobs
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+#: what ``model=`` accepts: a hub id, a local directory, a tiny preset name, or a model object
+ModelArg = Union[str, PreTrainedModel]
+#: what ``tokenizer=`` accepts: an id/path, a tokenizer object, or None for the model's own
+TokenizerArg = Union[str, PreTrainedTokenizerBase, None]
 LOGPROB_IMPLS = ("auto", "triton", "chunked", "eager")
 
 
@@ -157,8 +161,8 @@ class LLMModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str | PreTrainedModel = "tiny-llama",
-        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         dtype: str | None = None,
         attn_implementation: str | None = None,

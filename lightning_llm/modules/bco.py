@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm.losses.bco import bco_loss, bco_rewards, bco_udm_weights
+from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
 from lightning_llm.utils.running_moments import RunningMoments
 
@@ -72,7 +73,7 @@ class BCOModule(PreferenceModule):
 
     reference_keys = ("ref_logps",)
 
-    def __init__(self, model: Any = "tiny-llama", tokenizer: Any = None, *,
+    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *,
                  embedding_func: EmbeddingFunc | None = None, prompt_sample_size: int = 1024,
                  min_density_ratio: float = 0.5, max_density_ratio: float = 10.0, learning_rate: float = 5e-7,
                  **kwargs: Any) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm.losses.cpo import CPO_AVERAGE_LOGPS_LOSS_TYPES, CPO_LOSSES, cpo_loss
+from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
 
 
@@ -35,7 +36,7 @@ class CPOModule(PreferenceModule):
 
     uses_reference = False
 
-    def __init__(self, model: Any = "tiny-llama", tokenizer: Any = None, *, beta: float = 0.1,
+    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
                  alpha: float = 0.0, cpo_alpha: float = 1.0, learning_rate: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, beta=beta, learning_rate=learning_rate, **kwargs)

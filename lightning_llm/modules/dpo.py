@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from lightning_llm.losses.dpo import DPO_LOSSES, F_DIVERGENCE_SCORES, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
+from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import CompletionLogps, PreferenceModule
 
 
@@ -39,8 +40,8 @@ class DPOModule(PreferenceModule):
 
     def __init__(
         self,
-        model: Any = "tiny-llama",
-        tokenizer: Any = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         loss_type: str | Sequence[str] = "sigmoid",
         loss_weights: Sequence[float] | None = None,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm.losses.kto import KTO_LOSSES, kto_kl_estimate, kto_loss, kto_weight_ranges
+from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule, kl_batch
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class KTOModule(PreferenceModule):
             precompute_ref_log_probs, ...) and the :class:`~lightning_llm.modules.base.LLMModule` ones.
     """
 
-    def __init__(self, model: Any = "tiny-llama", tokenizer: Any = None, *, loss_type: str = "kto",
+    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, loss_type: str = "kto",
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, learning_rate: float = 1e-6,
                  **kwargs: Any) -> None:
         super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)

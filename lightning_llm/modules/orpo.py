@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm.losses.orpo import orpo_loss
+from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
 
 
@@ -30,7 +31,7 @@ class ORPOModule(PreferenceModule):
 
     uses_reference = False
 
-    def __init__(self, model: Any = "tiny-llama", tokenizer: Any = None, *, beta: float = 0.1,
+    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, beta: float = 0.1,
                  nll_on_prompt: bool = True, learning_rate: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, beta=beta, learning_rate=learning_rate, **kwargs)
         self.nll_on_prompt = nll_on_prompt

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_llm.models.loading import load_model
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
-from lightning_llm.modules.base import LLMModule
+from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 from lightning_llm.ops import TokenLogProbs
 from lightning_llm.utils.model import disable_dropout_in_model
 
@@ -107,11 +107,11 @@ class PreferenceModule(LLMModule, abc.ABC):
 
     def __init__(
         self,
-        model: Any = "tiny-llama",
-        tokenizer: Any = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         beta: float = 0.1,
-        ref_model: Any = None,
+        ref_model: ModelArg | None = None,
         precompute_ref_log_probs: bool = False,
         precompute_ref_batch_size: int | None = None,
         sync_ref_model: bool = False,

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from lightning_llm.losses.reward import reward_loss
 from lightning_llm.models.loading import load_model
-from lightning_llm.modules.base import LLMModule
+from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 
 
 class RewardModule(LLMModule):
@@ -35,8 +35,8 @@ class RewardModule(LLMModule):
 
     def __init__(
         self,
-        model: Any = "tiny-llama",
-        tokenizer: Any = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         center_rewards_coefficient: float | None = None,
         learning_rate: float = 1e-4,

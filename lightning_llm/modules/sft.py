@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm.losses.sft import SFT_LOSSES, sft_loss
-from lightning_llm.modules.base import IGNORE_INDEX, LLMModule
+from lightning_llm.modules.base import IGNORE_INDEX, LLMModule, ModelArg, TokenizerArg
 
 
 class SFTModule(LLMModule):
@@ -35,8 +35,8 @@ class SFTModule(LLMModule):
 
     def __init__(
         self,
-        model: Any = "tiny-llama",
-        tokenizer: Any = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         loss_type: str = "nll",
         average_tokens_across_steps: bool = True,

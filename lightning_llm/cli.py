@@ -1,0 +1,66 @@
+"""``lightning-llm``: the LightningCLI entry point.
+
+Any module (``--model``) and data module (``--data``) of the package can be named, by class name or
+``class_path``/``init_args`` in a YAML config::
+
+    lightning-llm fit --config configs/sft/tiny.yaml
+    lightning-llm fit --config configs/dpo/tiny.yaml --trainer.max_steps=50 --model.beta=0.2
+    lightning-llm fit --config configs/sft/tiny.yaml --print_config
+
+The data module takes the tokenizer of the module being trained unless ``--data.init_args.tokenizer`` names one.
+A rich progress bar with the logged metrics is on by default.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_llm.data.base import LLMDataModule
+from lightning_llm.modules.base import LLMModule
+
+# Imported so that jsonargparse knows every subclass by its short name (``--model DPOModule``).
+_MODULES = (
+    "lightning_llm.modules.sft", "lightning_llm.modules.reward", "lightning_llm.modules.prm",
+    "lightning_llm.modules.dpo", "lightning_llm.modules.orpo", "lightning_llm.modules.cpo",
+    "lightning_llm.modules.kto", "lightning_llm.modules.bco",
+    "lightning_llm.data.sft", "lightning_llm.data.preference", "lightning_llm.data.unpaired",
+    "lightning_llm.data.stepwise",
+)
+for _name in _MODULES:
+    importlib.import_module(_name)
+
+
+def default_progress_bar() -> Any:
+    """The progress bar the CLI shows: lightning_llm's metrics table when available, else Lightning's rich bar."""
+    try:
+        from lightning_llm.callbacks.rich_progress import RichProgressCallback
+
+        return RichProgressCallback()
+    except ImportError:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar()
+
+
+class LLMCLI(LightningCLI):
+    """LightningCLI with lightning_llm's defaults (subclass mode for modules and data modules, rich progress)."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        trainer_defaults = {"callbacks": [default_progress_bar()]}
+        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
+        super().__init__(
+            LLMModule, LLMDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+            trainer_defaults=trainer_defaults, save_config_kwargs={"overwrite": True}, **kwargs,
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point of ``lightning-llm``."""
+    LLMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
