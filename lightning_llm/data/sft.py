@@ -111,6 +111,13 @@ class SFTDataModule(LLMDataModule):
             return None
         return {"input_ids": ids, "labels": labels}
 
+    def prepare(self, rows: list[dict], name: str) -> list[dict]:
+        field = self.dataset_text_field
+        if field != "text" and rows and field in rows[0] and "text" not in rows[0]:
+            # Format detection and validation know plain-text rows by their ``text`` column.
+            rows = [{("text" if key == field else key): value for key, value in row.items()} for row in rows]
+        return super().prepare(rows, name)
+
     def finalize(self, examples: list[dict], split: str) -> list[dict]:
         if self.packing:
             return pack_examples(examples, self.max_length)
