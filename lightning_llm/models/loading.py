@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -149,7 +151,9 @@ def load_tokenizer(
             tok = tiny_tokenizer()
         else:
             kwargs = {"revision": revision} if revision is not None else {}
-            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+            tok = _declared_tokenizers_backend(name, kwargs)
+            if tok is None:
+                tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set one of them.")
@@ -159,3 +163,24 @@ def load_tokenizer(
         tok.chat_template = path.read_text() if path.suffix == ".jinja" and path.is_file() else chat_template
     tok.padding_side = padding_side
     return tok
+
+
+def _declared_tokenizers_backend(directory: str, kwargs: dict[str, Any]) -> PreTrainedTokenizerBase | None:
+    """Load a local directory whose ``tokenizer_config.json`` declares the generic ``TokenizersBackend`` with that
+    class, or return ``None``.
+
+    ``AutoTokenizer`` overrides the declared class for some model types (``qwen2``, ...) and rebuilds the tokenizer
+    with that family's pre-tokenizer, so a tiny preset saved next to the shipped tokenizer would come back tokenizing
+    differently from the way it was trained.
+    """
+    config_path = Path(directory) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        declared = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    backend = getattr(transformers, "TokenizersBackend", None)
+    if declared != "TokenizersBackend" or backend is None:
+        return None
+    return backend.from_pretrained(directory, **kwargs)
