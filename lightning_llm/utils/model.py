@@ -33,9 +33,9 @@ def disable_dropout_in_model(model: nn.Module, functional: bool = True) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         if functional:
-            for name, value in vars(module).items():
-                if name.endswith("dropout") and isinstance(value, float) and not isinstance(value, bool):
-                    setattr(module, name, 0.0)
+            rates = [name for name, value in vars(module).items() if name.endswith("dropout") and type(value) is float]
+            for name in rates:
+                setattr(module, name, 0.0)
 
 
 def peft_module_casting_to_bf16(
