@@ -170,8 +170,9 @@ def trl_tokenize(tokenizer, row, *, step_separator="\n", max_length=1024, max_pr
         except ImportError:
             pytest.skip("the installed TRL ships no PRMTrainer to compare with")
     params = inspect.signature(PRMTrainer.tokenize_row).parameters
-    kwargs = dict(step_separator=step_separator, max_length=max_length, max_completion_length=max_completion_length,
-                  train_on_last_step_only=train_on_last_step_only, is_eval=is_eval)
+    kwargs = {"step_separator": step_separator, "max_length": max_length,
+              "max_completion_length": max_completion_length, "train_on_last_step_only": train_on_last_step_only,
+              "is_eval": is_eval}
     if "max_prompt_length" in params:
         kwargs["max_prompt_length"] = max_prompt_length
     elif max_prompt_length is not None:
