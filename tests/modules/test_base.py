@@ -1,0 +1,291 @@
+"""LLMModule: the log-prob path vs float64, metric buffer, optimizer and schedule, generation, checkpoint round trip,
+HF export, LoRA, and building from a local directory."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import IGNORE, quiet_trainer, sample_rows, sgd
+from lightning import Callback
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_llm.data.sft import SFTDataModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
+from lightning_llm.models.peft import is_peft_model
+from lightning_llm.modules.base import LLMModule, MetricBuffer, cosine_with_warmup, decay_parameter_groups
+from lightning_llm.modules.sft import SFTModule
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def padded_batch(tok, n=4):
+    texts = ["Question: What is 1 plus 8?\nAnswer: 1 plus 8 is 9.", "Blood is red.", "A frog says ribbit.",
+             "The opposite of long is short."][:n]
+    enc = [tok(t + tok.eos_token)["input_ids"] for t in texts]
+    width = max(map(len, enc))
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, seq in enumerate(enc):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    labels = torch.where(mask.bool(), ids, IGNORE)
+    labels[0, :4] = IGNORE  # a prompt part without loss
+    return ids, mask, labels
+
+
+# --------------------------------------------------------------------------------------------- log-prob path
+@pytest.mark.parametrize("preset, impl", [("tiny-llama", "chunked"), ("tiny-qwen2", "chunked"), ("tiny-gpt2", "chunked"),
+                                           ("tiny-llama", "eager")])
+def test_token_logprobs_match_float64_logits(tok, preset, impl):
+    model = tiny_model(preset).eval()
+    reference = copy.deepcopy(model).double()
+    module = LLMModule(model=model, tokenizer=tok, logprob_impl=impl)
+    ids, mask, labels = padded_batch(tok)
+    temperature = 0.7
+    out = module.token_logprobs(model, ids, labels, attention_mask=mask, temperature=temperature,
+                                return_entropy=True, return_is_top1=True)
+    logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1] / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # float64
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    ref = torch.where(valid, logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+    ref_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    assert out.logps.shape == targets.shape
+    torch.testing.assert_close(out.logps.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double()[valid], ref_entropy[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.is_top1[valid], (logits.argmax(-1) == targets)[valid])
+    assert (out.logps[~valid] == 0).all()
+
+    # gradients w.r.t. parameters of the backbone and the head, through a weighted sum of the log-probs
+    weights = torch.linspace(0.5, 1.5, targets.numel()).reshape(targets.shape)
+    (out.logps * weights).sum().backward()
+    (ref * weights.double()).sum().backward()
+    names = [n for n, _ in model.named_parameters()]
+    picked = [names[1], names[len(names) // 2], names[-1]]  # early layer, middle layer, head / final norm
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in picked:
+        grad, ref_grad = params[name].grad.double(), ref_params[name].grad
+        assert ref_grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 * ref_grad.abs().max().item(), msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- metric buffer
+def test_metric_buffer_token_weighted_means_and_sums():
+    buffer = MetricBuffer()
+    assert not buffer
+    buffer.add("loss", torch.tensor(6.0), torch.tensor(3))  # micro-batch 1: 3 tokens, mean 2
+    buffer.add("loss", 2.0, 1.0)  # micro-batch 2: 1 token, mean 2 -> weighted mean of (6 + 2) / 4
+    buffer.add("entropy", torch.tensor(1.0), 2)
+    buffer.add_sum("num_tokens", torch.tensor(10))
+    buffer.add_sum("num_tokens", 5)
+    out = buffer.flush(lambda t: t, torch.device("cpu"))
+    assert out == {"loss": 2.0, "entropy": 0.5, "num_tokens": 15.0}
+    assert not buffer and buffer.flush(lambda t: t, torch.device("cpu")) == {}
+    # a cross-rank sum: two identical ranks -> same means, doubled sums
+    buffer.add("loss", 3.0, 2.0)
+    buffer.add_sum("num_tokens", 7)
+    assert buffer.flush(lambda t: t * 2, torch.device("cpu")) == {"loss": 1.5, "num_tokens": 14.0}
+    buffer.add("empty", 0.0, 0.0)
+    assert buffer.flush(lambda t: t, torch.device("cpu")) == {"empty": 0.0}
+
+
+# ------------------------------------------------------------------------------------- optimizer and schedule
+def test_cosine_with_warmup_values():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = cosine_with_warmup(optimizer, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warm-up 1/2, 2/2; then 0.5 * (1 + cos(pi * k / 8)) for k = 0..8
+    expected = [1.0, 2.0] + [2.0 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(9)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[6] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_decay_groups_exclude_biases_and_norms():
+    model = tiny_model("tiny-qwen2")  # attention biases, RMSNorms, tied embeddings
+    decay, plain = decay_parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert any(n.endswith("q_proj.bias") for n in plain_names)
+    assert any("layernorm" in n or n.endswith("norm.weight") for n in plain_names)
+    assert all(not n.endswith("bias") and "norm" not in n for n in decay_names)
+    assert len(plain_names) + len(decay_names) == len(list(model.parameters()))
+
+
+def test_optimizer_is_built_from_trainable_parameters_only(tok):
+    module = SFTModule("tiny-llama", peft_config=LORA, learning_rate=1e-3, weight_decay=0.01)
+    module.configure_model()
+    config = module.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    lora = {id(p) for n, p in module.named_parameters() if "lora_" in n}
+    assert in_optimizer == lora and lora
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    custom = SFTModule("tiny-llama", optimizer=sgd(0.5))
+    custom.configure_model()
+    assert isinstance(custom.configure_optimizers()["optimizer"], torch.optim.SGD)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"logprob_impl": "cuda"}, "logprob_impl"), ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ({"learning_rate": 0.0}, "learning_rate"), ({"model": 3}, "model must be"),
+])
+def test_constructor_checks(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLMModule(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+def test_generate_is_greedy_hf_generate(tok):
+    module = LLMModule("tiny-llama")
+    conversation = [{"role": "user", "content": "What is 6 plus 9?"}]
+    prompts = ["Question: What is 1 plus 8?\nAnswer:", conversation, "Hi"]
+    outs = module.generate(prompts, max_new_tokens=5, batch_size=2)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    assert module.tokenizer.padding_side == "right" and module.model.training
+    # each prompt alone through HF generate (no padding at all) gives the same text
+    model = tiny_model("tiny-llama").eval()
+    for prompt, out in zip(prompts, outs):
+        text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, tokenize=False,
+                                                                             add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                   do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert out == tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------ checkpoint, export, LoRA, local
+def short_fit(module, tmp_path, steps=3, **trainer_kwargs):
+    data = SFTDataModule(sample_rows("messages", 16), batch_size=4, shuffle=False, max_length=128)
+    trainer = quiet_trainer(max_steps=steps, default_root_dir=tmp_path, **trainer_kwargs)
+    trainer.fit(module, data)
+    return trainer
+
+
+def eval_logps(module, tok):
+    ids, mask, labels = padded_batch(tok)
+    model = module.ensure_model().eval()
+    with torch.no_grad():
+        return module.token_logprobs(model, ids, labels, attention_mask=mask).logps
+
+
+def test_load_from_checkpoint_round_trip(tok, tmp_path):
+    module = SFTModule("tiny-llama", learning_rate=1e-2, loss_type="dft")
+    trainer = short_fit(module, tmp_path)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = SFTModule.load_from_checkpoint(path)
+    assert reloaded.loss_type == "dft" and reloaded.learning_rate == 1e-2
+    assert reloaded.num_tokens_seen == module.num_tokens_seen > 0
+    trained = eval_logps(module, tok)
+    assert not torch.equal(trained, eval_logps(SFTModule("tiny-llama"), tok))  # training changed the model
+    assert torch.equal(eval_logps(reloaded, tok), trained)
+
+
+def test_hf_export_reloads_with_auto_classes(tok, tmp_path):
+    export = tmp_path / "export"
+    module = SFTModule("tiny-qwen2", learning_rate=1e-2, export_dir=str(export))
+    short_fit(module, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
+    model = module.model.eval()
+    ids, mask, _ = padded_batch(tok)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+    exported_tok = AutoTokenizer.from_pretrained(export)
+    assert exported_tok.chat_template == tok.chat_template and exported_tok.eos_token == tok.eos_token
+    # our own loader reads the export back as the very tokenizer the model was trained with
+    again = SFTModule(str(export))
+    text = "Question: What is 16 plus 29?<|im_end|>"
+    assert again.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_lora_trains_only_adapters_and_merged_export_matches(tok, tmp_path):
+    export = tmp_path / "merged"
+    module = SFTModule("tiny-llama", peft_config=LORA, learning_rate=5e-2, export_dir=str(export))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    short_fit(module, tmp_path)
+    assert is_peft_model(module.model)
+    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
+    base = {n for n in before if "lora_" not in n}
+    assert base and not (base & changed)  # every base weight bit-identical
+
+    merged = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids, mask, _ = padded_batch(tok)
+    with torch.no_grad():
+        peft_logits = module.model.eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, peft_logits,
+                                   rtol=1e-5, atol=1e-5)
+        base_logits = tiny_model("tiny-llama").eval()(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-4)  # the adapters did something
+    assert is_peft_model(module.model)  # merging for export left the trained module wrapped
+
+    adapters = tmp_path / "adapters"
+    module.export_hf(adapters, merge_adapters=False)
+    assert (adapters / "adapter_config.json").is_file() and not (adapters / "config.json").is_file()
+
+
+def test_module_from_a_local_save_pretrained_directory(tmp_path):
+    source = tiny_model("tiny-gpt2", seed=7)
+    source.save_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(tmp_path)
+    module = SFTModule(model=str(tmp_path))
+    module.configure_model()
+    assert type(module.model).__name__ == "GPT2LMHeadModel"
+    for (name, p), (_, q) in zip(module.model.named_parameters(), source.named_parameters()):
+        assert torch.equal(p, q), name
+    assert module.tokenizer.chat_template == tokenizer.chat_template  # the directory's tokenizer, not the preset's
+    # and it trains
+    trainer = short_fit(module, tmp_path / "run", steps=2, logger=False)
+    assert trainer.global_step == 2
+
+
+@pytest.mark.xfail(reason="from_pretrained returns the model in eval mode and Lightning keeps module modes, so a "
+                          "model loaded from a directory or the hub trains without dropout (TRL trains in train mode)")
+def test_a_loaded_model_trains_in_train_mode(tmp_path):
+    tiny_model("tiny-gpt2").save_pretrained(tmp_path)  # GPT-2 has dropout 0.1
+    tiny_tokenizer().save_pretrained(tmp_path)
+    module = SFTModule(model=str(tmp_path))
+    module.configure_model()
+    modes = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            modes.append(all(m.training for m in pl_module.model.modules()))
+
+    short_fit(module, tmp_path / "run", steps=1, callbacks=[Probe()])
+    assert modes == [True]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok):
+    ids, mask, labels = padded_batch(tok)
+    grads = []
+    for checkpointing in (False, True):
+        module = LLMModule("tiny-llama", gradient_checkpointing=checkpointing)
+        module.configure_model()
+        module.model.train()
+        module.token_logprobs(module.model, ids, labels, attention_mask=mask).logps.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None]))
+    assert module.model.is_gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
