@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from lightning_llm.losses.prm import prm_loss
 from lightning_llm.models.loading import load_model
 from lightning_llm.models.parts import unwrap_model
-from lightning_llm.modules.base import IGNORE_INDEX, LLMModule
+from lightning_llm.modules.base import IGNORE_INDEX, LLMModule, ModelArg, TokenizerArg
 from lightning_llm.utils.model import disable_dropout_in_model
 
 #: classes of a step: 0 = incorrect, 1 = correct
@@ -48,8 +48,8 @@ class PRMModule(LLMModule):
 
     def __init__(
         self,
-        model: Any = "tiny-llama",
-        tokenizer: Any = None,
+        model: ModelArg = "tiny-llama",
+        tokenizer: TokenizerArg = None,
         *,
         learning_rate: float = 1e-5,
         disable_dropout: bool = True,

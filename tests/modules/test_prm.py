@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForTokenClassification
 
 from lightning_llm.data.base import LLMDataModule
 from lightning_llm.data.sources import load_rows
@@ -180,25 +181,27 @@ def test_lora_trains_adapters_and_the_head_only(tok, rows):
 
 # ---------------------------------------------------------------------------------------------------- configs
 def test_tiny_config_instantiates_and_trains(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_llm.cli import LLMCLI
 
-    cli = LightningCLI(
-        LLMModule, LLMDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        save_config_kwargs={"overwrite": True},
+    cli = LLMCLI(
+        run=False,
         args=["--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
+              "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+              f"--trainer.default_root_dir={tmp_path}", f"--model.export_dir={tmp_path / 'hf'}"],
     )
     assert isinstance(cli.model, PRMModule) and isinstance(cli.datamodule, StepwiseDataModule)
-    assert cli.model.learning_rate == 1e-3 and cli.datamodule.step_separator == "\n"
+    assert cli.model.learning_rate == 3e-3 and cli.datamodule.step_separator == "\n"
     cli.trainer.fit(cli.model, cli.datamodule)
     assert "val/accuracy" in cli.trainer.callback_metrics
+    exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf")
+    assert exported.config.num_labels == 2
 
 
 def test_real_model_config_names_real_arguments():
     """The hub config cannot be instantiated offline; its keys must still be arguments of the classes it names."""
     config = yaml.safe_load((CONFIGS / "qwen2.5-0.5b.yaml").read_text())
-    assert config["model"]["class_path"] == "lightning_llm.modules.prm.PRMModule"
-    assert config["data"]["class_path"] == "lightning_llm.data.stepwise.StepwiseDataModule"
+    assert config["model"]["class_path"] == "lightning_llm.PRMModule"
+    assert config["data"]["class_path"] == "lightning_llm.StepwiseDataModule"
     accepted = {
         "model": set(inspect.signature(PRMModule).parameters) | set(inspect.signature(LLMModule).parameters),
         "data": set(inspect.signature(StepwiseDataModule).parameters)
