@@ -112,3 +112,19 @@ def test_ddp_ranks_end_with_identical_mixed_references(tmp_path):
     assert [row["step"] for row in rows] == ["4", "4", "4"]
     assert rows[0]["prompt"] == "The sky is" and rows[2]["prompt"] == "One, two,"
     assert "Name a colour." in rows[1]["prompt"]
+
+
+def test_dpo_module_syncs_its_reference_through_the_callback():
+    from lightning_llm import DPOModule, PreferenceDataModule
+
+    module = DPOModule("tiny-llama", learning_rate=1e-2, sync_ref_model=True, ref_model_sync_steps=2,
+                       ref_model_mixup_alpha=0.5)
+    snapshots = PolicySnapshots()
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[snapshots])
+    trainer.fit(module, PreferenceDataModule("sample:preference", val_split=0.1, batch_size=4, max_length=64))
+
+    assert any(isinstance(cb, SyncRefModelCallback) for cb in trainer.callbacks)
+    expected = _mixed(snapshots.by_step[0], snapshots.by_step[2], 0.5)
+    for name, value in float64_state(module.ref_model).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(expected["model.embed_tokens.weight"], snapshots.by_step[0]["model.embed_tokens.weight"])
