@@ -83,6 +83,21 @@ class PreferenceDataModule(LLMDataModule):
         super().__init__(train_data, val_data, **kwargs)
         self.padding_free = padding_free
 
+    #: columns that, once some rows of a split give them, every row of that split must give
+    all_or_none_columns: tuple[str, ...] = ("prompt", "margin")
+
+    def prepare(self, rows: list[dict], name: str) -> list[dict]:
+        # A row without the prompt (or margin) its neighbours have is an error, not another format: left alone, a
+        # missing prompt would be re-derived as the implicit shared prefix, and a missing margin would break (or
+        # silently drop the margins of) whatever batch it lands in.
+        for column in self.all_or_none_columns:
+            given = [isinstance(row, dict) and row.get(column) is not None for row in rows]
+            if any(given) and not all(given):
+                index = given.index(False)
+                raise ValueError(f"{name}: row {index}, column {column!r}: missing value (other rows give one; give "
+                                 f"every row a {column}, or none)")
+        return super().prepare(rows, name)
+
     def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
         tok = self.tokenizer
         name = report.split
@@ -96,6 +111,8 @@ class PreferenceDataModule(LLMDataModule):
         if not chosen or not rejected:
             column = "chosen" if not chosen else "rejected"
             raise ValueError(f"{name}: row {index}, column {column!r}: the completion is empty")
+        if chosen == rejected:
+            raise ValueError(f"{name}: row {index}, column 'rejected': identical to 'chosen' (nothing to prefer)")
         if not fmt.conversational:
             chosen = chosen if chosen.endswith(tok.eos_token) else chosen + tok.eos_token
             rejected = rejected if rejected.endswith(tok.eos_token) else rejected + tok.eos_token
