@@ -1,24 +1,48 @@
 """Lightning callbacks: BEMA weight averaging, TR-DPO reference syncing, judge win rates, completion tables, model
-merging and a rich progress display with grouped metrics."""
+merging and a rich progress display with grouped metrics.
+
+Names are imported lazily (PEP 562), so ``from lightning_llm.callbacks.sync_ref_model import sync_reference`` (as
+the preference modules do) does not import every callback's dependencies.
+"""
 
 from __future__ import annotations
 
-from lightning_llm.callbacks.bema import BEMACallback
-from lightning_llm.callbacks.log_completions import LogCompletionsCallback
-from lightning_llm.callbacks.merge_model import MergeModelCallback, linear_merge, merge_state_dicts, slerp
-from lightning_llm.callbacks.rich_progress import RichProgressCallback
-from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback, sync_reference
-from lightning_llm.callbacks.win_rate import WinRateCallback
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "BEMACallback",
-    "LogCompletionsCallback",
-    "MergeModelCallback",
-    "RichProgressCallback",
-    "SyncRefModelCallback",
-    "WinRateCallback",
-    "linear_merge",
-    "merge_state_dicts",
-    "slerp",
-    "sync_reference",
-]
+_EXPORTS: dict[str, str] = {
+    "BEMACallback": "lightning_llm.callbacks.bema",
+    "LogCompletionsCallback": "lightning_llm.callbacks.log_completions",
+    "MergeModelCallback": "lightning_llm.callbacks.merge_model",
+    "RichProgressCallback": "lightning_llm.callbacks.rich_progress",
+    "SyncRefModelCallback": "lightning_llm.callbacks.sync_ref_model",
+    "WinRateCallback": "lightning_llm.callbacks.win_rate",
+    "linear_merge": "lightning_llm.callbacks.merge_model",
+    "merge_state_dicts": "lightning_llm.callbacks.merge_model",
+    "slerp": "lightning_llm.callbacks.merge_model",
+    "sync_reference": "lightning_llm.callbacks.sync_ref_model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_path = _EXPORTS.get(name)
+    if module_path is None:
+        raise AttributeError(f"module 'lightning_llm.callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_path), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from lightning_llm.callbacks.bema import BEMACallback
+    from lightning_llm.callbacks.log_completions import LogCompletionsCallback
+    from lightning_llm.callbacks.merge_model import MergeModelCallback, linear_merge, merge_state_dicts, slerp
+    from lightning_llm.callbacks.rich_progress import RichProgressCallback
+    from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback, sync_reference
+    from lightning_llm.callbacks.win_rate import WinRateCallback

@@ -149,7 +149,9 @@ class WinRateCallback(L.Callback):
     def _checked(self, answers: Any, pairs: list) -> list:
         answers = list(answers)
         if len(answers) != len(pairs):
-            raise ValueError(f"{type(self.judge).__name__}.judge returned {len(answers)} answers for {len(pairs)} pairs")
+            raise ValueError(
+                f"{type(self.judge).__name__}.judge returned {len(answers)} answers for {len(pairs)} pairs"
+            )
         return answers
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,21 @@ def test_ddp_ranks_end_with_identical_mixed_references(tmp_path):
     assert [row["step"] for row in rows] == ["4", "4", "4"]
     assert rows[0]["prompt"] == "The sky is" and rows[2]["prompt"] == "One, two,"
     assert "Name a colour." in rows[1]["prompt"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_fsdp2_sharded_parameters_mix_and_gather_exactly(tmp_path):
+    out_file = tmp_path / "ok"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(HERE / "fsdp2_sync_script.py"), str(_free_port()), str(out_file)],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert out_file.read_text() == "ok"
 
 
 def test_dpo_module_syncs_its_reference_through_the_callback():
