@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from lightning_llm.losses.reward import reward_loss
 from lightning_llm.models.loading import load_model
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
+from lightning_llm.utils.model import disable_dropout_in_model
 
 
 class RewardModule(LLMModule):
@@ -30,6 +31,8 @@ class RewardModule(LLMModule):
         tokenizer: see :class:`~lightning_llm.modules.base.LLMModule`.
         center_rewards_coefficient: weight of the reward-centring term (Eisenstein et al., 2023); None = off.
         learning_rate: TRL's reward default, 1e-4.
+        disable_dropout: set every dropout probability of the model to zero, as TRL's ``RewardConfig`` does by
+            default (the rewards of a pair are then compared under one and the same function).
         **kwargs: the other :class:`~lightning_llm.modules.base.LLMModule` arguments (peft_config, ...).
     """
 
@@ -40,6 +43,7 @@ class RewardModule(LLMModule):
         *,
         center_rewards_coefficient: float | None = None,
         learning_rate: float = 1e-4,
+        disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
         if isinstance(model, PreTrainedModel) and getattr(model.config, "num_labels", None) != 1 \
@@ -52,6 +56,7 @@ class RewardModule(LLMModule):
         if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.disable_dropout = disable_dropout
         self.val_accuracy = BinaryAccuracy()
 
     @property
@@ -61,6 +66,11 @@ class RewardModule(LLMModule):
     def build_model(self) -> PreTrainedModel:
         kwargs = dict(self.model_load_kwargs)
         return load_model(self.model_source, task="sequence_classification", num_labels=1, **kwargs)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.disable_dropout:
+            disable_dropout_in_model(self.model)
 
     def rewards(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
         """``[R]`` scalar reward of every sequence of a padded batch."""
