@@ -111,7 +111,11 @@ class RewardModule(LLMModule):
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
-        """Rewards of ``(prompt, completion)`` pairs (strings, or conversations rendered with the chat template)."""
+        """Rewards of ``(prompt, completion)`` pairs (strings, or conversations rendered with the chat template).
+
+        Sequences are built as in training: a string completion gets EOS appended unless it ends with it (a
+        conversation ends with the template's end-of-turn token), so the head reads the token it was trained on.
+        """
         from lightning_llm.data.chat import render_ids, text_ids
         from lightning_llm.data.collate import pad_sequences
 
@@ -122,6 +126,8 @@ class RewardModule(LLMModule):
         seqs = []
         for prompt, completion in zip(prompts, completions):
             if isinstance(prompt, str):
+                if tok.eos_token and not completion.endswith(tok.eos_token):
+                    completion = completion + tok.eos_token
                 seqs.append(text_ids(tok, prompt + completion))
             else:
                 completion = completion if isinstance(completion, list) else [
