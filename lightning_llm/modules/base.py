@@ -157,6 +157,10 @@ class LLMModule(L.LightningModule):
         chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
         export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``.
         merge_adapters: with PEFT, merge the adapters into the exported model (else export the adapters only).
+        average_tokens_across_steps: for token-mean losses (SFT, PRM): normalise by the loss tokens of the whole
+            optimizer step (every micro-batch and rank, as TRL does with ``average_tokens_across_devices``), so
+            8 examples x 1 micro-batch and 1 x 8 with gradient accumulation give the same gradient; ``False``
+            averages each micro-batch on its own.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class LLMModule(L.LightningModule):
         chat_template: str | None = None,
         export_dir: str | None = None,
         merge_adapters: bool = True,
+        average_tokens_across_steps: bool = True,
     ) -> None:
         super().__init__()
         if logprob_impl not in LOGPROB_IMPLS:
@@ -211,6 +216,8 @@ class LLMModule(L.LightningModule):
         self.logprob_impl = logprob_impl
         self.export_dir = export_dir
         self.merge_adapters = merge_adapters
+        self.average_tokens_across_steps = average_tokens_across_steps
+        self._step_loss_tokens: Tensor | float = 0.0
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
             tokenizer, model if tokenizer is None else None, trust_remote_code=trust_remote_code, revision=revision,
             chat_template=chat_template,
@@ -348,7 +355,38 @@ class LLMModule(L.LightningModule):
                           sync_dist=False, prog_bar=False)
         return values
 
+    # ------------------------------------------------------------------------------- token-mean losses
+    def _normalise_over_step(self) -> bool:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        return self.average_tokens_across_steps and not strategy.startswith("DeepSpeed")
+
+    def step_token_mean(self, loss_sum: Tensor, num_tokens: Tensor) -> Tensor:
+        """The loss to backpropagate for a micro-batch whose loss is ``loss_sum`` over ``num_tokens`` tokens.
+
+        With ``average_tokens_across_steps``, the optimizer step's gradient becomes that of
+        ``sum(loss_sum) / sum(num_tokens)`` over all its micro-batches and ranks. That count is only known once the
+        step's last micro-batch has run, so micro-batches backpropagate their sums and the gradient is divided in
+        ``on_before_optimizer_step`` (before clipping). Under DeepSpeed, whose engine owns the gradients, each
+        micro-batch is normalised by its own count instead.
+        """
+        if self._normalise_over_step():
+            self._step_loss_tokens = self._step_loss_tokens + num_tokens.detach().float()
+            return loss_sum
+        return loss_sum / num_tokens.clamp(min=1)
+
+    def _rescale_to_step_mean(self) -> None:
+        if not isinstance(self._step_loss_tokens, Tensor):
+            return  # no token-mean loss this step
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged over ranks.
+        tokens = self._reduce_sum(self._step_loss_tokens.to(self.device))
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1).item()
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        self._step_loss_tokens = 0.0
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._rescale_to_step_mean()
         self.flush_metrics("train")
 
     def on_validation_epoch_end(self) -> None:

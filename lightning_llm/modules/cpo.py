@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_llm.losses.cpo import CPO_AVERAGE_LOGPS_LOSS_TYPES, CPO_LOSSES, cpo_loss

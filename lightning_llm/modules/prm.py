@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -26,9 +25,8 @@ class PRMModule(LLMModule):
     labelled tokens: the last token of each step (Uesato et al., 2022, https://huggingface.co/papers/2211.14275).
 
     The loss of an optimizer step is the summed cross-entropy of all its micro-batches, on all ranks, divided by their
-    total number of labelled tokens, which is how ``transformers.Trainer`` (so TRL) normalises it; micro-batches
-    backpropagate their sums and the gradient is divided in ``on_before_optimizer_step``. Under DeepSpeed, whose engine
-    owns the gradients, each micro-batch is normalised by its own count instead.
+    total number of labelled tokens, which is how ``transformers.Trainer`` (so TRL) normalises it (see
+    ``average_tokens_across_steps`` in :class:`~lightning_llm.modules.base.LLMModule`).
 
     Logs (TRL names): ``loss``, ``accuracy`` (fraction of labelled tokens whose arg-max class is the label),
     ``num_tokens``, ``learning_rate``; ``val/loss`` and ``val/accuracy`` on validation (token-weighted over the whole
@@ -41,8 +39,6 @@ class PRMModule(LLMModule):
         learning_rate: peak learning rate of the default AdamW (TRL's ``PRMConfig`` default).
         disable_dropout: set every dropout probability of the model to zero, as TRL does by default (the fresh
             classification head has a dropout of 0.1 otherwise).
-        average_tokens_across_steps: normalise by the labelled tokens of the whole optimizer step (all micro-batches
-            and ranks); ``False`` averages each micro-batch alone.
         **kwargs: the other :class:`~lightning_llm.modules.base.LLMModule` arguments (peft_config, optimizer, ...).
     """
 
@@ -53,13 +49,10 @@ class PRMModule(LLMModule):
         *,
         learning_rate: float = 1e-5,
         disable_dropout: bool = True,
-        average_tokens_across_steps: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
         self.disable_dropout = disable_dropout
-        self.average_tokens_across_steps = average_tokens_across_steps
-        self._step_labelled_tokens: Tensor | float = 0.0
 
     # ------------------------------------------------------------------------------------------------- the model
     @property
@@ -82,10 +75,6 @@ class PRMModule(LLMModule):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
 
     # ----------------------------------------------------------------------------------------------- the steps
-    def _normalise_over_step(self) -> bool:
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        return self.average_tokens_across_steps and not strategy.startswith("DeepSpeed")
-
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed cross-entropy over the labelled tokens of ``batch``, and their number; records the metrics."""
         # num_items_in_batch=1 turns prm_loss's mean into the plain sum, which the step normalises later.
@@ -97,28 +86,10 @@ class PRMModule(LLMModule):
         return out.loss, num_labelled
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss_sum, num_labelled = self._shared_step(batch)
-        if self._normalise_over_step():
-            self._step_labelled_tokens = self._step_labelled_tokens + num_labelled
-            return loss_sum
-        return loss_sum / num_labelled.clamp(min=1)
+        return self.step_token_mean(*self._shared_step(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._shared_step(batch)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._normalise_over_step():
-            # Each micro-batch loss was a sum; Lightning divided it by accumulate_grad_batches and DDP/FSDP averaged
-            # over ranks, so this scale makes the gradient that of (total loss / total labelled tokens) of the step.
-            total = self._reduce_sum(
-                torch.as_tensor(self._step_labelled_tokens, dtype=torch.float32, device=self.device)
-            )
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1).item()
-            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-        self._step_labelled_tokens = 0.0
-        super().on_before_optimizer_step(optimizer)
 
 
 def check_step_classifier(model: nn.Module) -> None:
