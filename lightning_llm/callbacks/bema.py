@@ -226,11 +226,14 @@ class BEMACallback(L.Callback):
         state = policy_state_dict(trainer, pl_module)
         directory = Path(directory)
         if trainer.is_global_zero:
+            averaged = dict(zip(self.names, self.bema))
             missing = [name for name in self.names if name not in state]
             if missing:
                 raise ValueError(f"BEMACallback: parameters {missing[:5]} are not in the policy's state_dict")
-            for name, value in zip(self.names, self.bema):
-                state[name] = value.to("cpu", state[name].dtype, copy=True)
+            # A tied parameter (e.g. embeddings shared with the LM head) appears under several state_dict names.
+            for name, canonical in _parameter_aliases(pl_module.model).items():
+                if canonical in averaged:
+                    state[name] = averaged[canonical].to("cpu", state[name].dtype, copy=True)
             export_like_module(pl_module, build_replica(pl_module.model, state), directory, self.merge_adapters)
             log.info("Saved the BEMA model to %s", directory)
         if trainer.world_size > 1:
@@ -248,3 +251,12 @@ class BEMACallback(L.Callback):
         self.ema = [t.to(self.device) for t in state_dict["ema"]]
         self.bema = [t.to(self.device) for t in state_dict["bema"]]
         self._last_step = int(state_dict.get("last_step", -1))
+
+
+def _parameter_aliases(module: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``module`` (tied ones included) → the first name of the same parameter."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in named_parameters(module, remove_duplicate=False):
+        aliases[name] = first.setdefault(id(param), name)
+    return aliases

@@ -61,7 +61,7 @@ class RichProgressCallback(RichProgressBar):
 
     def __init__(
         self,
-        refresh_rate: int = 1,
+        refresh_rate: int = 10,
         leave: bool = False,
         console_kwargs: dict[str, Any] | None = None,
         float_format: str = ".4g",

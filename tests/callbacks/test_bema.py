@@ -178,7 +178,7 @@ def _policy_with(module: SFTModule, values: dict[str, torch.Tensor]) -> dict[str
 
 
 def test_bema_saves_an_hf_model_after_a_real_fit(tmp_path):
-    module = SFTModule("tiny-llama", learning_rate=1e-2)
+    module = SFTModule("tiny-qwen2", learning_rate=1e-2)  # tied input/output embeddings
     bema = BEMACallback(update_freq=1, lag=1, save_dir=str(tmp_path / "bema"))
     quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[bema]).fit(module, sft_data())
 
@@ -188,6 +188,8 @@ def test_bema_saves_an_hf_model_after_a_real_fit(tmp_path):
     reloaded_params = dict(reloaded.named_parameters())
     for name, value in averaged.items():
         torch.testing.assert_close(reloaded_params[name].detach(), value, rtol=0, atol=0, msg=name)
+    assert module.model.config.tie_word_embeddings
+    torch.testing.assert_close(reloaded.lm_head.weight.detach(), averaged["model.embed_tokens.weight"], rtol=0, atol=0)
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(averaged[weight], module.model.get_parameter(weight).detach())
     assert (tmp_path / "bema" / "tokenizer_config.json").exists()
