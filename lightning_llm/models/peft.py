@@ -30,6 +30,10 @@ def to_peft_config(peft_config: Any, task_type: str = "CAUSAL_LM"):
         raise ValueError(f"peft_config must be a peft.PeftConfig or a dict, got {type(peft_config).__name__}")
     config = dict(peft_config)
     config.setdefault("task_type", task_type)
+    if config["task_type"] in ("SEQ_CLS", "TOKEN_CLS"):
+        # PEFT trains the fresh classification head in full (modules_to_save); "all-linear" must not also put LoRA
+        # on it, which PEFT refuses.
+        config.setdefault("exclude_modules", ["score", "classifier"])
     if "peft_type" in config:
         return get_peft_config(config)
     return LoraConfig(**config)
