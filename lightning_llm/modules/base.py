@@ -437,6 +437,11 @@ class LLMModule(L.LightningModule):
         texts = [p if isinstance(p, str) else conversation_text(tok, p, add_generation_prompt=True) for p in prompts]
         was_training = model.training
         model.eval()
+        # Sharded weights are gathered layer by layer in every forward, so every rank must keep stepping until all
+        # ranks are done (ranks finish at different lengths).
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        synced_gpus = self._trainer is not None and self.trainer.world_size > 1 and strategy in (
+            "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
         side = tok.padding_side
         tok.padding_side = "left"
         outputs: list[str] = []
@@ -448,7 +453,7 @@ class LLMModule(L.LightningModule):
                 generated = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus,
                 )
                 new_tokens = generated[:, enc["input_ids"].shape[1]:]
                 outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
