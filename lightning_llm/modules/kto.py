@@ -57,15 +57,26 @@ class KTOModule(PreferenceModule):
     def reference_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("ref_logps", "ref_kl_logps") if self.calculate_kl else ("ref_logps",)
 
+    def _check_kl_pairs(self, batch: dict[str, Tensor]) -> None:
+        if self.calculate_kl and "kl_input_ids" not in batch:
+            raise ValueError("loss_type='kto' needs the mismatched (prompt, completion) pairs of its KL term: use "
+                             "UnpairedPreferenceDataModule(kl_pairs=True) (or loss_type='apo_zero_unpaired')")
+
     def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self._check_kl_pairs(batch)
         values = {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch))}
         if self.calculate_kl:
             values["ref_kl_logps"] = self.reduce_logps(self.reference_completion_logps(kl_batch(batch)))
         return values
 
     def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.calculate_kl and getattr(datamodule, "batch_size", 2) <= 1:
+            # The mismatched completion of a one-example batch is its own completion: z0 would be the reward itself.
+            raise ValueError("loss_type='kto' estimates its KL reference point on the other examples of each batch; "
+                             "use batch_size > 1 (or loss_type='apo_zero_unpaired')")
         super().on_fit_start()
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_dataset", None)
+        dataset = getattr(datamodule, "train_dataset", None)
         if dataset is None or not len(dataset) or "label" not in dataset[0]:
             return
         num_desirable = sum(1 for ex in dataset.examples if ex["label"])
@@ -84,6 +95,7 @@ class KTOModule(PreferenceModule):
         return self._reduce_sum(value.detach().float()) / world
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        self._check_kl_pairs(batch)
         policy = self.completion_logps(self.model, batch, return_entropy=True, return_mean_logits=True)
         policy_logps = self.reduce_logps(policy)
         ref = batch if all(k in batch for k in self.reference_keys) else self.reference_values(batch)
