@@ -130,7 +130,9 @@ class PreferenceModule(LLMModule, abc.ABC):
         if ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
         self.beta = beta
-        self.ref_model_source = ref_model
+        # Kept out of the submodule registry: a reference given as a model object would otherwise be saved in every
+        # checkpoint under this name (the reference that is used, and left out of checkpoints, is ``ref_model``).
+        object.__setattr__(self, "ref_model_source", ref_model)
         self.precompute_ref_log_probs = precompute_ref_log_probs
         self.precompute_ref_batch_size = precompute_ref_batch_size
         self.sync_ref_model = sync_ref_model
