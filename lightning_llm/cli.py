@@ -49,12 +49,23 @@ class LLMCLI(LightningCLI):
     """LightningCLI with lightning_llm's defaults (subclass mode for modules and data modules, rich progress)."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        trainer_defaults = {"callbacks": [default_progress_bar()]}
-        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
             LLMModule, LLMDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-            trainer_defaults=trainer_defaults, save_config_kwargs={"overwrite": True}, **kwargs,
+            save_config_kwargs={"overwrite": True}, **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with the rich progress bar added unless it is off or another progress bar is configured."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            defaults = self.trainer_defaults.get("callbacks") or []
+            defaults = defaults if isinstance(defaults, list) else [defaults]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*defaults, default_progress_bar()]}
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> None:
