@@ -19,11 +19,19 @@ EmbeddingFunc = Callable[[list[str]], Tensor]
 def fit_prompt_classifier(embeddings: Tensor, labels: Tensor, l2: float = 1.0, steps: int = 100
                           ) -> Callable[[Tensor], Tensor]:
     """Fit an L2-regularised logistic regression ``p(desirable | prompt embedding)`` (LBFGS, standardised inputs);
-    returns the probability function. ``l2`` is the inverse of scikit-learn's ``C``."""
+    returns the probability function. ``l2`` is the inverse of scikit-learn's ``C``.
+
+    The classes are weighted ``n / (2 n_class)`` (scikit-learn's ``class_weight="balanced"``, as TRL's BCO): the odds
+    ``p / (1 - p)`` then estimate the density ratio ``p_D(x) / p_U(x)`` whatever the class sizes, instead of carrying
+    the prior ``n_D / n_U`` into every weight."""
     x = embeddings.detach().double()
     mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
     x = (x - mean) / std
     y = labels.double()
+    positives = y.sum()
+    if positives == 0 or positives == y.numel():
+        raise ValueError("the prompt classifier needs embeddings of both classes")
+    sample_weights = torch.where(y > 0.5, y.numel() / (2 * positives), y.numel() / (2 * (y.numel() - positives)))
     weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
@@ -31,7 +39,7 @@ def fit_prompt_classifier(embeddings: Tensor, labels: Tensor, l2: float = 1.0, s
     def closure() -> Tensor:
         optimizer.zero_grad()
         logits = x @ weight + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=sample_weights, reduction="sum")
         loss = loss + 0.5 * l2 * (weight * weight).sum()
         loss.backward()
         return loss
