@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from lightning_llm.losses.dpo import DPO_LOSSES, F_DIVERGENCE_SCORES, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
+from lightning_llm.losses.dpo import _check_hyperparameters as check_dpo_hyperparameters
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import CompletionLogps, PreferenceModule
 
@@ -66,6 +67,13 @@ class DPOModule(PreferenceModule):
                              f"{f_divergence_type!r}")
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+        # What the loss would only refuse at the first step (label smoothing out of range for robust / exo_pair, an
+        # f-divergence with a loss it does not apply to, WPO weights on sorted losses) fails here, as in TRL.
+        check_dpo_hyperparameters(loss_types, self.beta, label_smoothing, f_divergence_type, discopop_tau)
+        sorting = sorted({"aot", "aot_unpaired"} & set(loss_types))
+        if use_weighting and sorting:
+            raise ValueError(f"use_weighting (WPO) cannot be combined with {sorting}: those losses sort the batch, so "
+                             "per-pair weights would not line up with pairs")
         self.loss_types = loss_types
         self.loss_weights = list(loss_weights) if loss_weights is not None else None
         self.label_smoothing = label_smoothing
