@@ -4,7 +4,8 @@ because the root ``conftest.py`` lives there)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning import Callback, Trainer
@@ -23,10 +24,10 @@ def sample_rows(name: str, n: int | None = None) -> list[dict]:
 
 def quiet_trainer(**kwargs: Any) -> Trainer:
     """A CPU trainer without progress bar, logger, checkpoints or model summary (each overridable)."""
-    options: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )
+    options: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,
+        "enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+    }
     options.update(kwargs)
     return Trainer(**options)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import IGNORE, quiet_trainer, sample_rows
 
-from lightning_llm.data.sft import SFTDataModule
 from lightning_llm.data.formats import sharegpt_to_messages
+from lightning_llm.data.sft import SFTDataModule
 from lightning_llm.models import tiny_tokenizer
 
 IM_END = "<|im_end|>"

@@ -18,12 +18,12 @@ if __name__ == "__main__":
     # one intra-op thread per process keeps two ranks from fighting over the CI's two cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-from lightning import Callback, Trainer  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+import torch
+from lightning import Callback, Trainer
+from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_llm.data.sft import SFTDataModule  # noqa: E402
-from lightning_llm.modules.sft import SFTModule  # noqa: E402
+from lightning_llm.data.sft import SFTDataModule
+from lightning_llm.modules.sft import SFTModule
 
 METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
 
