@@ -100,4 +100,5 @@ def tiny_model(
         model = auto_class(task).from_config(config)
     if dtype is not None:
         model = model.to(dtype)
+    model.config._name_or_path = name  # so that the tokenizer can be found from the model object
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -196,11 +197,15 @@ class LLMModule(L.LightningModule):
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
         if not isinstance(model, (str, os.PathLike, PreTrainedModel)):
             raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Lightning warns about model objects among the arguments; they are dropped right below.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         # Objects (models, tokenizers, callables) would be pickled into every checkpoint; keep plain values only.
         for name in [k for k, v in self.hparams.items() if not _is_plain(v)]:
             del self.hparams[name]
-        self.model_source = model
+        # Kept out of the submodule registry: a model object is the policy itself (``self.model``), not a second child.
+        object.__setattr__(self, "model_source", model)
         self.model_load_kwargs = dict(
             dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
             revision=revision, model_kwargs=model_kwargs,
