@@ -26,15 +26,24 @@ from lightning_llm.data.formats import DataFormat
 from lightning_llm.data.preference import split_implicit_prompt
 
 
-def unpair_rows(rows: list[dict]) -> list[dict]:
-    """Preference rows -> unpaired rows: all chosen completions (label True), then all rejected ones (False)."""
+def unpair_rows(rows: list[dict], name: str = "data") -> list[dict]:
+    """Preference rows -> unpaired rows: all chosen completions (label True), then all rejected ones (False).
+
+    A pair that leaves nothing to learn from (identical, or a completion empty once the implicit prompt is taken out)
+    raises ``ValueError`` naming the preference row and column, not the unpaired row it would have become."""
     desirable, undesirable = [], []
-    for row in rows:
+    for index, row in enumerate(rows):
         extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
         if row.get("prompt") is not None:
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         else:
-            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+            try:
+                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+            except ValueError as err:
+                raise ValueError(f"{name}: row {index}, column 'chosen': {err}") from err
+        for column, completion in (("chosen", chosen), ("rejected", rejected)):
+            if not completion:
+                raise ValueError(f"{name}: row {index}, column {column!r}: the completion is empty")
         desirable.append({"prompt": prompt, "completion": chosen, "label": True, **extra})
         undesirable.append({"prompt": prompt, "completion": rejected, "label": False, **extra})
     return desirable + undesirable
@@ -60,7 +69,7 @@ class UnpairedPreferenceDataModule(LLMDataModule):
 
             columns = set().union(*(row.keys() for row in rows[:100]))
             validate_rows(rows, detect_format(columns, rows[0]), name)
-            rows = unpair_rows(rows)
+            rows = unpair_rows(rows, name)
         return super().prepare(rows, name)
 
     def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
