@@ -162,18 +162,6 @@ def _stepwise(rng: random.Random, n: int = 160) -> list[dict]:
     return rows
 
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -190,6 +178,8 @@ def build_tokenizer(datasets: dict[str, list[dict]]) -> None:
     """Train a byte-level BPE tokenizer on the sample data and save it with a ChatML-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from lightning_llm.data.chat import FALLBACK_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -208,7 +198,7 @@ def build_tokenizer(datasets: dict[str, list[dict]]) -> None:
         additional_special_tokens=["<|im_start|>"],
         model_max_length=512,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = FALLBACK_CHAT_TEMPLATE  # ChatML with {% generation %} markers
     TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(TOKENIZER_DIR)
     print(f"wrote tokenizer ({len(fast)} tokens) to {TOKENIZER_DIR.relative_to(ASSETS.parents[1])}")

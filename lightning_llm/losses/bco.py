@@ -19,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = ["BCOLossOutput", "bco_loss", "bco_rewards", "bco_udm_weights"]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32, so small log-ratios survive the subtraction."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def bco_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1) -> Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = [
     "CPO_AVERAGE_LOGPS_LOSS_TYPES",
     "CPO_LOSSES",
@@ -25,10 +27,6 @@ __all__ = [
     "cpo_loss",
 ]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32, so the reward difference is not rounded away in bf16."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def alphapo_rewards(logps: Tensor, alpha: float) -> Tensor:

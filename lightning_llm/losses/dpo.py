@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = [
+    "check_dpo_arguments",
     "DPO_LOSSES",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_SCORES",
@@ -33,10 +36,6 @@ __all__ = [
     "wpo_weights",
 ]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32: bf16/fp16 log-probs lose the small differences DPO is made of."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -339,6 +338,17 @@ def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor |
             )
 
 
+def check_dpo_arguments(
+    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None, beta: float = 0.1,
+    label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl", discopop_tau: float = 0.05,
+) -> list[str]:
+    """Validate the hyperparameters of :func:`dpo_loss` (the module calls it at construction, to fail before
+    training); return the loss types as a list."""
+    loss_types = _normalize_loss_types(loss_type, loss_weights)
+    _check_hyperparameters(loss_types, beta, label_smoothing, f_divergence_type, discopop_tau)
+    return loss_types
+
+
 def _normalize_loss_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None) -> list[str]:
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:
@@ -438,8 +448,7 @@ def dpo_loss(
             ``label_smoothing`` / ``discopop_tau``, an unknown or incompatible ``f_divergence_type``, a missing
             input that a loss type needs, or inputs of different shapes.
     """
-    loss_types = _normalize_loss_types(loss_type, loss_weights)
-    _check_hyperparameters(loss_types, beta, label_smoothing, f_divergence_type, discopop_tau)
+    loss_types = check_dpo_arguments(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, discopop_tau)
     _check_same_shape(
         "chosen_logps",
         chosen_logps,

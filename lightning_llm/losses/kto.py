@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = [
     "KTO_LOSSES",
     "KTOLossOutput",
@@ -23,10 +25,6 @@ __all__ = [
     "kto_weight_ranges",
 ]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32, so small log-ratios survive the subtraction."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def kto_value_loss(logratios: Tensor, desirable: Tensor, kl: Tensor, beta: float) -> Tensor:

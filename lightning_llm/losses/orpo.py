@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = ["ORPOLossOutput", "log1mexp", "orpo_loss"]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32: ``1 - exp(x)`` near ``x = 0`` is hopeless in bf16."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def log1mexp(x: Tensor) -> Tensor:

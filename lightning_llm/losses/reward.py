@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_llm.losses._common import upcast as _upcast
+
 __all__ = ["RewardLossOutput", "reward_loss"]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32, so bf16 reward heads do not round the margin away."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RewardLossOutput(NamedTuple):

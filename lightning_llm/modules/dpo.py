@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from lightning_llm.losses.dpo import DPO_LOSSES, F_DIVERGENCE_SCORES, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
 from lightning_llm.losses.dpo import _check_hyperparameters as check_dpo_hyperparameters
+from lightning_llm.losses.dpo import check_dpo_arguments, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import CompletionLogps, PreferenceModule
 
@@ -56,15 +56,8 @@ class DPOModule(PreferenceModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
-        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        unknown = [t for t in loss_types if t not in DPO_LOSSES]
-        if unknown or not loss_types:
-            raise ValueError(f"loss_type {unknown or loss_type!r} unknown; choose from {sorted(DPO_LOSSES)}")
-        if loss_weights is not None and len(loss_weights) != len(loss_types):
-            raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types")
-        if f_divergence_type not in F_DIVERGENCE_SCORES:
-            raise ValueError(f"f_divergence_type must be one of {sorted(F_DIVERGENCE_SCORES)}, got "
-                             f"{f_divergence_type!r}")
+        loss_types = check_dpo_arguments(loss_type, loss_weights, self.beta, label_smoothing, f_divergence_type,
+                                         discopop_tau)
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
         # What the loss would only refuse at the first step (label smoothing out of range for robust / exo_pair, an
