@@ -78,7 +78,12 @@ def build_trl_trainer(trainer_cls: type, config_cls: type, model: nn.Module, tok
     kwargs.update(trainer_kwargs or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return trainer_cls(**kwargs)
+        trainer = trainer_cls(**kwargs)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in (PrinterCallback, ProgressCallback):  # trl_step's log() would print every step
+        trainer.remove_callback(callback)
+    return trainer
 
 
 def trl_examples(trainer, dataset=None) -> list[dict]:
