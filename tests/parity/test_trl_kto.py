@@ -171,3 +171,20 @@ def test_precomputed_reference_matches_trl(tmp_path, tok):
     assert [ex["ref_logps"] for ex in examples] == pytest.approx(dataset["ref_logps"], abs=1e-4)
     assert [ex["ref_kl_logps"] for ex in examples] == pytest.approx(dataset["ref_KL_logps"], abs=1e-4)
     assert steps.steps[0]["loss"] == pytest.approx(trl_loss, abs=1e-4)
+
+
+def test_truncated_batches_match_trl(tmp_path, tok):
+    """max_length below most sequences: TRL drops the examples whose prompt alone fills it and cuts the rest from the
+    right in its collator; our keep_start truncation gives the same examples and the same batch tensors."""
+    rows = sample_rows("unpaired_preference", 12)
+    rows[4] = dict(rows[4], prompt=[{"role": "user", "content": "Tell me, what is " + "one plus one and " * 6 + "?"}])
+    max_length = 20
+    trainer = kto_trainer(tmp_path, tok, rows, batch_size=4, max_length=max_length, policy=tiny_model("tiny-llama"),
+                          ref=tiny_model("tiny-llama"))
+    dm = our_data(tok, rows, batch_size=4, max_length=max_length)
+    assert len(dm.train_dataset) == len(trainer.train_dataset) == len(rows) - 1
+    assert dm.reports["train_data"].dropped == {"prompt alone fills max_length": [4]}
+    batches = list(trainer.get_train_dataloader())
+    assert any(batch["input_ids"].shape[1] == max_length for batch in batches)
+    for trl_batch, batch in zip(batches, dm.train_dataloader()):
+        assert_same_batch(batch, trl_batch)
