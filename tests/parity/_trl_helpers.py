@@ -19,8 +19,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,11 +47,11 @@ def trl_config(config_cls: type, output_dir: str | Path, batch_size: int, **over
     """A TRL ``*Config`` for one offline CPU step: no reporting, no saving, no progress bars, fp32, one process, and
     ``per_device_{train,eval}_batch_size = batch_size``; ``overrides`` set any other field (``beta``, ``loss_type``...).
     """
-    options: dict[str, Any] = dict(
-        output_dir=str(output_dir), report_to=[], use_cpu=True, bf16=False, fp16=False, max_steps=1,
-        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, save_strategy="no",
-        disable_tqdm=True, seed=42,
-    )
+    options: dict[str, Any] = {
+        "output_dir": str(output_dir), "report_to": [], "use_cpu": True, "bf16": False, "fp16": False,
+        "max_steps": 1, "per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
+        "save_strategy": "no", "disable_tqdm": True, "seed": 42,
+    }
     fields = getattr(config_cls, "__dataclass_fields__", {})
     if "gradient_checkpointing" in fields:
         options["gradient_checkpointing"] = False
@@ -71,8 +72,8 @@ def build_trl_trainer(trainer_cls: type, config_cls: type, model: nn.Module, tok
     from datasets import Dataset
 
     args = trl_config(config_cls, output_dir, len(rows), **config)
-    kwargs: dict[str, Any] = dict(model=model, args=args, processing_class=tokenizer,
-                                  train_dataset=Dataset.from_list(list(rows)))
+    kwargs: dict[str, Any] = {"model": model, "args": args, "processing_class": tokenizer,
+                              "train_dataset": Dataset.from_list(list(rows))}
     if ref_model is not None:
         kwargs["ref_model"] = ref_model
     kwargs.update(trainer_kwargs or {})

@@ -16,12 +16,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from _trl_helpers import assert_metrics_close, build_trl_trainer, module_step, perturb_, trl_batch, trl_step  # noqa: E402
-from helpers import StepMetrics, quiet_trainer, sample_rows  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from _trl_helpers import assert_metrics_close, build_trl_trainer, module_step, perturb_, trl_batch, trl_step
+from helpers import StepMetrics, quiet_trainer, sample_rows
+from trl import DPOConfig, DPOTrainer
 
-from lightning_llm import DPOModule, PreferenceDataModule  # noqa: E402
-from lightning_llm.models import tiny_model, tiny_tokenizer  # noqa: E402
+from lightning_llm import DPOModule, PreferenceDataModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
 
 PAIR_METRICS = ["loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "rewards/accuracies"]
@@ -54,8 +54,8 @@ TRL_DEFAULTS = {"loss_types": ["sigmoid"], "loss_weights": None, "label_smoothin
 def parity_rows() -> list[dict]:
     """Eight shipped conversational pairs (most have equal-length completions) and four with clearly different
     lengths in both directions, so that LD-DPO, IPO's and sigmoid_norm's length normalisation have work to do."""
-    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    user = lambda text: [{"role": "user", "content": text}]
+    bot = lambda text: [{"role": "assistant", "content": text}]
     extra = [
         {"prompt": user("Name a color."), "chosen": bot("Blue."),
          "rejected": bot("I am not sure which color you would like me to name, sorry.")},

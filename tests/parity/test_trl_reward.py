@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from _trl_helpers import assert_metrics_close, build_trl_trainer, module_step, trl_batch, trl_step  # noqa: E402
-from helpers import sample_rows  # noqa: E402
-from trl import RewardConfig, RewardTrainer  # noqa: E402
+from _trl_helpers import assert_metrics_close, build_trl_trainer, module_step, trl_batch, trl_step
+from helpers import sample_rows
+from trl import RewardConfig, RewardTrainer
 
-from lightning_llm import PreferenceDataModule, RewardModule  # noqa: E402
-from lightning_llm.models import tiny_model, tiny_tokenizer  # noqa: E402
+from lightning_llm import PreferenceDataModule, RewardModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
 
 METRICS = ["loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward"]
 MARGINS = [0.0, 0.5, 1.0, -0.5, 2.0, 0.25, 0.0, 1.5, -1.0, 0.75, 0.1, 3.0]
