@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_llm.losses.dpo import _check_hyperparameters as check_dpo_hyperparameters
 from lightning_llm.losses.dpo import check_dpo_arguments, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import CompletionLogps, PreferenceModule
@@ -61,9 +60,7 @@ class DPOModule(PreferenceModule):
                                          discopop_tau)
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
-        # What the loss would only refuse at the first step (label smoothing out of range for robust / exo_pair, an
-        # f-divergence with a loss it does not apply to, WPO weights on sorted losses) fails here, as in TRL.
-        check_dpo_hyperparameters(loss_types, self.beta, label_smoothing, f_divergence_type, discopop_tau)
+        # WPO weights on sorted losses: refused by the loss at the first step; here before training, as in TRL
         sorting = sorted({"aot", "aot_unpaired"} & set(loss_types))
         if use_weighting and sorting:
             raise ValueError(f"use_weighting (WPO) cannot be combined with {sorting}: those losses sort the batch, so "
