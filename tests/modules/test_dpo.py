@@ -116,8 +116,8 @@ def test_ld_alpha_with_precomputed_reference(tok, policy):
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    ({"loss_type": "nope"}, "unknown"),
-    ({"loss_type": []}, "unknown"),
+    ({"loss_type": "nope"}, "Unknown `loss_type`"),
+    ({"loss_type": []}, "at least one"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights"),
     ({"f_divergence_type": "kl"}, "f_divergence_type"),
     ({"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}, "only applies"),
