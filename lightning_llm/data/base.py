@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_llm.data.chat import ensure_chat_template
@@ -276,6 +276,14 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}: no training data (train_data was not given)")
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning's own distributed sampler always shuffles and ignores our seed; this one honours both
+            # (Lightning leaves a DistributedSampler in place and calls its set_epoch).
+            sampler = DistributedSampler(self.train_dataset, num_replicas=trainer.world_size,
+                                         rank=trainer.global_rank, shuffle=self.shuffle, seed=self.seed)
+            return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate,

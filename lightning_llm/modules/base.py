@@ -397,6 +397,10 @@ class LLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.flush_metrics("val")
 
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train with dropout as TRL does
+        self.model.train()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen}
 

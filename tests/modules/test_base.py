@@ -261,8 +261,6 @@ def test_module_from_a_local_save_pretrained_directory(tmp_path):
     assert trainer.global_step == 2
 
 
-@pytest.mark.xfail(reason="from_pretrained returns the model in eval mode and Lightning keeps module modes, so a "
-                          "model loaded from a directory or the hub trains without dropout (TRL trains in train mode)")
 def test_a_loaded_model_trains_in_train_mode(tmp_path):
     tiny_model("tiny-gpt2").save_pretrained(tmp_path)  # GPT-2 has dropout 0.1
     tiny_tokenizer().save_pretrained(tmp_path)
