@@ -82,11 +82,11 @@ def hand_cpo(model, examples, *, loss_type, beta, label_smoothing=0.0, simpo_gam
 
 
 CASES = [
-    dict(loss_type="sigmoid", beta=0.2, label_smoothing=0.1, cpo_alpha=0.5),
-    dict(loss_type="hinge", beta=0.1),
-    dict(loss_type="ipo", beta=0.5, cpo_alpha=0.0),
-    dict(loss_type="simpo", beta=2.0, simpo_gamma=0.4, label_smoothing=0.05),
-    dict(loss_type="alphapo", beta=2.0, simpo_gamma=0.2, alpha=0.25),
+    {"loss_type": "sigmoid", "beta": 0.2, "label_smoothing": 0.1, "cpo_alpha": 0.5},
+    {"loss_type": "hinge", "beta": 0.1},
+    {"loss_type": "ipo", "beta": 0.5, "cpo_alpha": 0.0},
+    {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.4, "label_smoothing": 0.05},
+    {"loss_type": "alphapo", "beta": 2.0, "simpo_gamma": 0.2, "alpha": 0.25},
 ]
 
 
@@ -128,10 +128,10 @@ def test_no_reference_model(tok):
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(loss_type="kto_pair"), "loss_type"),
-    (dict(label_smoothing=0.6), "label_smoothing"),
-    (dict(cpo_alpha=-0.1), "cpo_alpha"),
-    (dict(beta=0.0), "beta"),
+    ({"loss_type": "kto_pair"}, "loss_type"),
+    ({"label_smoothing": 0.6}, "label_smoothing"),
+    ({"cpo_alpha": -0.1}, "cpo_alpha"),
+    ({"beta": 0.0}, "beta"),
 ])
 def test_bad_arguments(tok, kwargs, word):
     with pytest.raises(ValueError, match=word):

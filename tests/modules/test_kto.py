@@ -111,7 +111,7 @@ def test_precomputed_reference_gives_the_live_losses(tok):
             assert module.ref_model is not None
     for live, cached in zip(series[False], series[True]):
         assert cached == pytest.approx(live, abs=1e-5)
-    losses, kls, rewards = series[False]
+    _losses, _kls, rewards = series[False]
     assert rewards[0] == pytest.approx(0.0, abs=1e-6)  # the reference is the initial policy
     assert max(abs(r) for r in rewards[1:]) > 1e-3  # later steps do compare against the reference
 

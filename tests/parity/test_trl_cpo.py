@@ -21,25 +21,25 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from helpers import StepMetrics, quiet_trainer, sample_rows, sgd  # noqa: E402
+from datasets import Dataset
+from helpers import StepMetrics, quiet_trainer, sample_rows, sgd
 
-from lightning_llm.data.preference import PreferenceDataModule  # noqa: E402
-from lightning_llm.models import tiny_model, tiny_tokenizer  # noqa: E402
-from lightning_llm.modules.cpo import CPOModule  # noqa: E402
+from lightning_llm.data.preference import PreferenceDataModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
+from lightning_llm.modules.cpo import CPOModule
 
 COMPARED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected")
 
 CASES = {
-    "sigmoid": dict(loss_type="sigmoid", beta=0.2),
-    "sigmoid-smoothed": dict(loss_type="sigmoid", beta=0.2, label_smoothing=0.15, cpo_alpha=0.5),
-    "sigmoid-alpha": dict(loss_type="sigmoid", beta=0.1, alpha=0.05),
-    "hinge": dict(loss_type="hinge", beta=0.05, cpo_alpha=2.0),
-    "ipo": dict(loss_type="ipo", beta=0.3),
-    "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.3, cpo_alpha=0.0),
-    "simpo-smoothed-nll": dict(loss_type="simpo", beta=2.5, simpo_gamma=0.8, label_smoothing=0.2, cpo_alpha=0.4),
-    "alphapo": dict(loss_type="alphapo", beta=2.0, simpo_gamma=0.25, alpha=0.3),
+    "sigmoid": {"loss_type": "sigmoid", "beta": 0.2},
+    "sigmoid-smoothed": {"loss_type": "sigmoid", "beta": 0.2, "label_smoothing": 0.15, "cpo_alpha": 0.5},
+    "sigmoid-alpha": {"loss_type": "sigmoid", "beta": 0.1, "alpha": 0.05},
+    "hinge": {"loss_type": "hinge", "beta": 0.05, "cpo_alpha": 2.0},
+    "ipo": {"loss_type": "ipo", "beta": 0.3},
+    "simpo": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.3, "cpo_alpha": 0.0},
+    "simpo-smoothed-nll": {"loss_type": "simpo", "beta": 2.5, "simpo_gamma": 0.8, "label_smoothing": 0.2, "cpo_alpha": 0.4},
+    "alphapo": {"loss_type": "alphapo", "beta": 2.0, "simpo_gamma": 0.25, "alpha": 0.3},
 }
 
 

@@ -19,12 +19,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from helpers import StepMetrics, quiet_trainer, sample_rows, sgd  # noqa: E402
+from datasets import Dataset
+from helpers import StepMetrics, quiet_trainer, sample_rows, sgd
 
-from lightning_llm.data.unpaired import UnpairedPreferenceDataModule  # noqa: E402
-from lightning_llm.models import tiny_model, tiny_tokenizer  # noqa: E402
-from lightning_llm.modules.kto import KTOModule  # noqa: E402
+from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
+from lightning_llm.modules.kto import KTOModule
 
 COMPARED = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
             "logits/chosen", "logits/rejected", "entropy")
@@ -99,9 +99,9 @@ def test_prepared_examples_match_trl(tmp_path, tok, sample):
 
 
 CASES = {
-    "kto-weighted": dict(loss_type="kto", beta=0.3, desirable_weight=1.5, undesirable_weight=0.7),
-    "kto": dict(loss_type="kto", beta=0.1),
-    "apo_zero_unpaired": dict(loss_type="apo_zero_unpaired", beta=0.2, undesirable_weight=1.3),
+    "kto-weighted": {"loss_type": "kto", "beta": 0.3, "desirable_weight": 1.5, "undesirable_weight": 0.7},
+    "kto": {"loss_type": "kto", "beta": 0.1},
+    "apo_zero_unpaired": {"loss_type": "apo_zero_unpaired", "beta": 0.2, "undesirable_weight": 1.3},
 }
 
 
@@ -136,7 +136,7 @@ def test_sequential_batches_match_trl(tmp_path, tok):
     """Three batches of 4: TRL's sequential loader and ours give the same tensors (each batch's KL completions are
     its own completions rotated by one) and the same losses."""
     rows = sample_rows("unpaired_preference", 12)
-    config = dict(loss_type="kto", beta=0.5, undesirable_weight=2.0)
+    config = {"loss_type": "kto", "beta": 0.5, "undesirable_weight": 2.0}
     trainer = kto_trainer(tmp_path, tok, rows, batch_size=4, **config)
     dm = our_data(tok, rows, batch_size=4)
     module = KTOModule(policy_model(), tokenizer=tok, ref_model=reference_model(), **config)
@@ -156,7 +156,7 @@ def test_sequential_batches_match_trl(tmp_path, tok):
 
 def test_precomputed_reference_matches_trl(tmp_path, tok):
     rows = sample_rows("unpaired_preference", 12)
-    config = dict(loss_type="kto", beta=0.3, precompute_ref_log_probs=True)
+    config = {"loss_type": "kto", "beta": 0.3, "precompute_ref_log_probs": True}
     trainer = kto_trainer(tmp_path, tok, rows, batch_size=6, **config)
     dataset = trainer.train_dataset
     first = trainer.data_collator([dataset[i] for i in range(6)])

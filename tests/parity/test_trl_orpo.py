@@ -20,12 +20,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from helpers import StepMetrics, quiet_trainer, sample_rows, sgd  # noqa: E402
+from datasets import Dataset
+from helpers import StepMetrics, quiet_trainer, sample_rows, sgd
 
-from lightning_llm.data.preference import PreferenceDataModule  # noqa: E402
-from lightning_llm.models import tiny_model, tiny_tokenizer  # noqa: E402
-from lightning_llm.modules.orpo import ORPOModule  # noqa: E402
+from lightning_llm.data.preference import PreferenceDataModule
+from lightning_llm.models import tiny_model, tiny_tokenizer
+from lightning_llm.modules.orpo import ORPOModule
 
 COMPARED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
