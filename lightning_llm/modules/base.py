@@ -78,9 +78,10 @@ class MetricBuffer:
         stacked = reduce(stacked)
         totals, counts = stacked[: len(names)], stacked[len(names):]
         sums, self.totals, self.counts, self.sums = self.sums, {}, {}, set()
+        # a mean over nothing (e.g. no undesirable example in the step) is left out rather than logged as 0
         return {
-            n: t if n in sums else (t / c if c > 0 else 0.0)
-            for n, t, c in zip(names, totals.tolist(), counts.tolist())
+            n: t if n in sums else t / c
+            for n, t, c in zip(names, totals.tolist(), counts.tolist()) if n in sums or c > 0
         }
 
 
@@ -323,15 +324,29 @@ class LLMModule(L.LightningModule):
         values = values.detach().float()
         self.record(name, values.sum(), values.numel())
 
+    def reduce_metrics(self, mode: str) -> dict[str, float]:
+        """The buffered metrics of ``mode`` (``train``/``val``) reduced across micro-batches and processes, plus the
+        derived ones; the buffer is emptied."""
+        buffer = self._metrics[mode]
+        if not buffer:
+            return {}
+        return self.derive_metrics(buffer.flush(self._reduce_sum, self.device))
+
+    def derive_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from other metrics once they are reduced over micro-batches and processes."""
+        return values
+
     def count_input_tokens(self, batch: dict[str, Tensor]) -> None:
         """Add ``batch``'s input tokens to ``num_tokens``, TRL's running count of the tokens every rank has seen."""
         if self.training:
             self._metrics["train"].add_sum("num_tokens", self.count_tokens(batch))
 
     def count_tokens(self, batch: dict[str, Tensor]) -> Tensor:
-        """Tokens fed to the model in ``batch`` (attention-mask ones, or the flat length when padding-free)."""
+        """Tokens fed to the model in ``batch`` (attention-mask ones, or the real tokens of a padding-free row)."""
         if "attention_mask" in batch:
             return batch["attention_mask"].sum()
+        if "seq_index" in batch:
+            return (batch["seq_index"] >= 0).sum()
         return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
 
     def _reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -341,10 +356,9 @@ class LLMModule(L.LightningModule):
 
     def flush_metrics(self, mode: str) -> dict[str, float]:
         """Reduce the buffered metrics across processes and log them (``val/`` prefix on validation)."""
-        buffer = self._metrics[mode]
-        if not buffer:
+        values = self.reduce_metrics(mode)
+        if not values:
             return {}
-        values = buffer.flush(self._reduce_sum, self.device)
         if mode == "train":
             self.num_tokens_seen += values.pop("num_tokens", 0.0)
             values["num_tokens"] = self.num_tokens_seen

@@ -308,26 +308,32 @@ class PreferenceModule(LLMModule, abc.ABC):
 
     def record_pair_metrics(self, policy: CompletionLogps, chosen_rewards: Tensor, rejected_rewards: Tensor,
                             chosen_logps: Tensor, rejected_logps: Tensor) -> None:
-        """TRL's pair metrics: rewards/*, logps/*, logits/*, entropy, mean_token_accuracy."""
+        """TRL's pair metrics: rewards/* (margins derived at reduction, see :meth:`derive_metrics`), logps/*,
+        logits/*, entropy, mean_token_accuracy."""
         self.record_mean("rewards/chosen", chosen_rewards)
         self.record_mean("rewards/rejected", rejected_rewards)
         self.record_mean("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
-        self.record_mean("rewards/margins", chosen_rewards - rejected_rewards)
         self.record_mean("logps/chosen", chosen_logps)
         self.record_mean("logps/rejected", rejected_logps)
         self.record_token_metrics(policy, paired=True)
 
+    def derive_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """``rewards/margins`` = ``rewards/chosen - rewards/rejected`` of the reduced means (for pairs this is the mean
+        pair margin; for unpaired data TRL's difference of the class means, left out when a class is absent)."""
+        if "rewards/chosen" in values and "rewards/rejected" in values:
+            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        return values
+
     def record_unpaired_metrics(self, policy: CompletionLogps, labels: Tensor, chosen_rewards: Tensor,
                                 rejected_rewards: Tensor) -> None:
-        """TRL's unpaired (KTO/BCO) metrics: per-class rewards, logps and logits, their margin, and entropy."""
+        """TRL's unpaired (KTO/BCO) metrics: per-class rewards, logps and logits, and entropy (the margin is derived
+        when the metrics are reduced, see :meth:`derive_metrics`)."""
         labels = labels.bool()
         sums = policy.sums.detach()
         self.record("rewards/chosen", chosen_rewards.sum(), chosen_rewards.numel())
         self.record("rewards/rejected", rejected_rewards.sum(), rejected_rewards.numel())
         self.record("logps/chosen", sums[labels].sum(), labels.sum())
         self.record("logps/rejected", sums[~labels].sum(), (~labels).sum())
-        if chosen_rewards.numel() and rejected_rewards.numel():
-            self.record("rewards/margins", chosen_rewards.mean() - rejected_rewards.mean())
         mean_logits = policy.outputs.mean_logits
         if mean_logits is not None:
             for name, rows in (("logits/chosen", labels), ("logits/rejected", ~labels)):

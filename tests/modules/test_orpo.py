@@ -29,7 +29,7 @@ def sharp_model(seed: int = 3) -> torch.nn.Module:
 
 def flushed(module: ORPOModule) -> dict[str, float]:
     """The metrics recorded since the last flush, as they would be logged (no trainer attached: nothing is logged)."""
-    return module._metrics["train"].flush(lambda t: t, torch.device("cpu"))
+    return module.reduce_metrics("train")
 
 
 def per_sequence(model, prompt_ids, completion_ids):
