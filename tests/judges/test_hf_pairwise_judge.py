@@ -99,7 +99,13 @@ def test_custom_answers_and_bad_arguments() -> None:
         HfPairwiseJudge(model, tokenizer=tokenizer, system_prompt="Which is better? {prompt}")
     with pytest.raises(ValueError, match="batch_size"):
         HfPairwiseJudge(model, tokenizer=tokenizer, batch_size=0)
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.models import tiny_config
+
+    nameless = AutoModelForCausalLM.from_config(tiny_config("tiny-llama"))
     with pytest.raises(ValueError, match="tokenizer"):
-        HfPairwiseJudge(model)  # a model object built from a config carries no name to load a tokenizer from
+        HfPairwiseJudge(nameless)  # a model object built from a config carries no name to load a tokenizer from
+    assert HfPairwiseJudge(model).tokenizer is not None  # a preset object knows its name, hence its tokenizer
     with pytest.raises(ValueError, match="same length"):
         judge.judge(["a"], [["x", "y"], ["z", "w"]])
