@@ -46,6 +46,26 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def pair_parts(row: dict, name: str, index: int) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a preference row, the prompt split off when it is implicit.
+
+    Raises ``ValueError`` naming the row and column when a completion is empty or the two are identical.
+    """
+    if row.get("prompt") is not None:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        except ValueError as err:
+            raise ValueError(f"{name}: row {index}, column 'chosen': {err}") from err
+    for column, completion in (("chosen", chosen), ("rejected", rejected)):
+        if not completion:
+            raise ValueError(f"{name}: row {index}, column {column!r}: the completion is empty")
+    if chosen == rejected:
+        raise ValueError(f"{name}: row {index}, column 'rejected': identical to 'chosen' (nothing to prefer)")
+    return prompt, chosen, rejected
+
+
 def tokenize_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, tools: list | None = None) -> dict[str, list]:
     """``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the completions start where the tokenized prompt and both
     tokenized prompt+completion sequences stop agreeing (TRL's convention), so ``prompt_ids + chosen_ids`` is exactly
@@ -101,18 +121,7 @@ class PreferenceDataModule(LLMDataModule):
     def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
         tok = self.tokenizer
         name = report.split
-        if row.get("prompt") is not None:
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        else:
-            try:
-                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
-            except ValueError as err:
-                raise ValueError(f"{name}: row {index}, column 'chosen': {err}") from err
-        if not chosen or not rejected:
-            column = "chosen" if not chosen else "rejected"
-            raise ValueError(f"{name}: row {index}, column {column!r}: the completion is empty")
-        if chosen == rejected:
-            raise ValueError(f"{name}: row {index}, column 'rejected': identical to 'chosen' (nothing to prefer)")
+        prompt, chosen, rejected = pair_parts(row, name, index)
         if not fmt.conversational:
             chosen = chosen if chosen.endswith(tok.eos_token) else chosen + tok.eos_token
             rejected = rejected if rejected.endswith(tok.eos_token) else rejected + tok.eos_token

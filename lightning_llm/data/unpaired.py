@@ -23,7 +23,7 @@ from lightning_llm.data.base import LLMDataModule, PreparationReport
 from lightning_llm.data.chat import common_prefix_length, render_ids, text_ids
 from lightning_llm.data.collate import pad_sequences
 from lightning_llm.data.formats import DataFormat
-from lightning_llm.data.preference import split_implicit_prompt
+from lightning_llm.data.preference import pair_parts
 
 
 def unpair_rows(rows: list[dict], name: str = "data") -> list[dict]:
@@ -34,16 +34,7 @@ def unpair_rows(rows: list[dict], name: str = "data") -> list[dict]:
     desirable, undesirable = [], []
     for index, row in enumerate(rows):
         extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-        if row.get("prompt") is not None:
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        else:
-            try:
-                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
-            except ValueError as err:
-                raise ValueError(f"{name}: row {index}, column 'chosen': {err}") from err
-        for column, completion in (("chosen", chosen), ("rejected", rejected)):
-            if not completion:
-                raise ValueError(f"{name}: row {index}, column {column!r}: the completion is empty")
+        prompt, chosen, rejected = pair_parts(row, name, index)
         desirable.append({"prompt": prompt, "completion": chosen, "label": True, **extra})
         undesirable.append({"prompt": prompt, "completion": rejected, "label": False, **extra})
     return desirable + undesirable
