@@ -82,3 +82,16 @@ def test_bad_argument_is_reported(tmp_path):
     )
     assert out.returncode != 0
     assert "not_a_loss" in out.stderr
+
+
+def test_validate_from_a_checkpoint(tmp_path):
+    config = str(CONFIGS / "sft" / "tiny.yaml")
+    fast = [a for a in _fast(tmp_path, steps=2) if "enable_checkpointing" not in a]
+    fit = LLMCLI(args=["fit", "--config", config, *fast])
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    assert checkpoint
+    validated = LLMCLI(args=["validate", "--config", config, *fast, f"--ckpt_path={checkpoint}"])
+    fitted_weights = fit.model.model.state_dict()
+    for name, value in validated.model.model.state_dict().items():
+        assert torch.equal(value, fitted_weights[name]), name
+    assert "val/loss" in validated.trainer.callback_metrics
