@@ -7,8 +7,9 @@ the preference modules do) does not import every callback's dependencies.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_llm._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "BEMACallback": "lightning_llm.callbacks.bema",
@@ -26,23 +27,13 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_path = _EXPORTS.get(name)
-    if module_path is None:
-        raise AttributeError(f"module 'lightning_llm.callbacks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_path), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:
-    from lightning_llm.callbacks.bema import BEMACallback
-    from lightning_llm.callbacks.log_completions import LogCompletionsCallback
-    from lightning_llm.callbacks.merge_model import MergeModelCallback, linear_merge, merge_state_dicts, slerp
-    from lightning_llm.callbacks.rich_progress import RichProgressCallback
-    from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback, sync_reference
-    from lightning_llm.callbacks.win_rate import WinRateCallback
+    from lightning_llm.callbacks.bema import BEMACallback  # noqa: F401
+    from lightning_llm.callbacks.log_completions import LogCompletionsCallback  # noqa: F401
+    from lightning_llm.callbacks.merge_model import MergeModelCallback, linear_merge, merge_state_dicts, slerp  # noqa: F401
+    from lightning_llm.callbacks.rich_progress import RichProgressCallback  # noqa: F401
+    from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback, sync_reference  # noqa: F401
+    from lightning_llm.callbacks.win_rate import WinRateCallback  # noqa: F401

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_llm.data.chat import conversation_text
 
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Keyword arguments of ``LLMModule.generate``, checked once."""

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_llm.callbacks._sharding import (
-    full_parameters,
     fsdp1_root,
+    full_parameters,
     is_dtensor,
     local_shard,
     named_parameters,

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Any
 
 import torch
+
+from lightning_llm._lazy import lazy_exports
 
 __all__ = ["triton_available", "triton_runs_on", "TritonLinearLogProbs", "default_token_rows"]
 
@@ -40,10 +41,5 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def __getattr__(name: str) -> Any:
-    module_path = _LAZY.get(name)
-    if module_path is None:
-        raise AttributeError(f"module 'lightning_llm.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_path), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
