@@ -139,3 +139,18 @@ class RichProgressCallback(RichProgressBar):
         super().on_train_end(trainer, pl_module)
         self.update_metrics_table(trainer, force=True)
         self.refresh()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Post-training runs are usually bounded by max_steps (max_epochs -1): show the step count, not "Epoch 1/-2".
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            description += f" (max_steps {trainer.max_steps})"
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger version says nothing about training
+        return items
