@@ -71,8 +71,6 @@ def load_rows(source: DataSource, *, split: str = "train", subset: str | None = 
 
 
 def _load_path_or_hub(source: str, *, split: str, subset: str | None, name: str) -> list[dict]:
-    import datasets
-
     if source.startswith("sample:"):
         return _read_json(sample_path(source.removeprefix("sample:")))
     path = Path(source).expanduser()
@@ -82,7 +80,11 @@ def _load_path_or_hub(source: str, *, split: str, subset: str | None, name: str)
             return _read_json(path)
         if suffix not in _FILE_BUILDERS:
             raise ValueError(f"{name}: unsupported file type {suffix!r} ({path}); use one of {sorted(_FILE_BUILDERS)}")
+        import datasets  # only what JSON cannot do needs it
+
         return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train").to_list()
+    import datasets
+
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             loaded = datasets.load_from_disk(str(path))
