@@ -1,15 +1,13 @@
-"""StepwiseDataModule: tokenization written out by hand, token-for-token identity with TRL's
-``PRMTrainer.tokenize_row`` (when the installed TRL ships it), truncation, batching, and bad rows."""
+"""StepwiseDataModule: tokenization written out by hand (TRL's ``PRMTrainer.tokenize_row`` convention; TRL 1.16 ships
+no PRMTrainer to compare with), truncation, batching, and bad rows."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
 
-from lightning_llm.data.sources import load_rows
 from lightning_llm.data.stepwise import StepwiseDataModule
 from lightning_llm.models import tiny_tokenizer
 
@@ -155,62 +153,3 @@ def test_tokenizer_taken_from_the_module(tok):
     dm.trainer = type("FakeTrainer", (), {"lightning_module": FakeModule()})()
     dm.setup("fit")
     assert dm.train_dataset.examples[0]["labels"][-1] == 0
-
-
-# ------------------------------------------------------------------------------------------ TRL identity
-def trl_tokenize(tokenizer, row, *, step_separator="\n", max_length=1024, max_prompt_length=None,
-                 max_completion_length=None, train_on_last_step_only=False, is_eval=False):
-    """TRL's own ``PRMTrainer.tokenize_row`` (skips when the installed TRL ships no PRMTrainer: the 1.16 wheel
-    does not; it lived in ``trl`` before 0.26 and in ``trl.experimental.prm`` after)."""
-    try:
-        from trl.experimental.prm import PRMTrainer
-    except ImportError:
-        try:
-            from trl import PRMTrainer
-        except ImportError:
-            pytest.skip("the installed TRL ships no PRMTrainer to compare with")
-    params = inspect.signature(PRMTrainer.tokenize_row).parameters
-    kwargs = {"step_separator": step_separator, "max_length": max_length,
-              "max_completion_length": max_completion_length, "train_on_last_step_only": train_on_last_step_only,
-              "is_eval": is_eval}
-    if "max_prompt_length" in params:
-        kwargs["max_prompt_length"] = max_prompt_length
-    elif max_prompt_length is not None:
-        pytest.skip("this TRL has no max_prompt_length")
-    return PRMTrainer.tokenize_row(row, tokenizer, **kwargs)
-
-
-EDGE_ROWS = [
-    ROW,
-    {"prompt": "Solve: 12 × 7 = ?", "completions": ["12 × 7 = 84", "  so 84.  ", "Done ✓"], "labels": [True, True, False]},
-    {"prompt": "Is 9.11 > 9.8?", "completions": ["Yes, 11 > 8."] * 6, "labels": [False] * 5 + [True]},
-]
-SETTINGS = [
-    {},
-    {"step_separator": " "},
-    {"step_separator": ""},
-    {"step_separator": "\n\n"},
-    {"max_length": 24},
-    {"max_completion_length": 9},
-    {"max_length": 30, "max_completion_length": 20},
-    {"train_on_last_step_only": True},
-    {"max_length": 12},  # examples left without a label: TRL keeps them, and so do we with drop_unlabelled=False
-]
-
-
-@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v!r}" for k, v in s.items()) or "default")
-@pytest.mark.parametrize("split", ["train", "val"])
-@pytest.mark.parametrize("with_bos", [False, True], ids=["no-bos", "bos"])
-def test_identical_to_trl(tok, bos_tok, settings, split, with_bos):
-    tokenizer = bos_tok if with_bos else tok
-    rows = load_rows("sample:stepwise")[:40] + EDGE_ROWS
-    expected = [trl_tokenize(tokenizer, row, is_eval=split == "val", **settings) for row in rows]
-    _, examples = prepare(rows, tokenizer, split=split, **settings)
-    assert examples == [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in expected]
-
-
-def test_identical_to_trl_with_max_prompt_length(bos_tok):
-    rows = load_rows("sample:stepwise")[:20] + EDGE_ROWS
-    expected = [trl_tokenize(bos_tok, row, max_prompt_length=4, max_length=22) for row in rows]
-    _, examples = prepare(rows, bos_tok, max_prompt_length=4, max_length=22)
-    assert examples == [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in expected]
