@@ -78,3 +78,24 @@ def char_span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int
         inside = end > start and any(lo <= start and end <= hi for lo, hi in spans)
         out.append(int(inside))
     return out
+
+
+def sharp_reference_model() -> torch.nn.Module:
+    """The tiny llama with its head scaled up, so completions get clearly different log-probs."""
+    from lightning_llm.models import tiny_model
+
+    model = tiny_model("tiny-llama", seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def perturbed_policy_model() -> torch.nn.Module:
+    """:func:`sharp_reference_model` with every weight perturbed: a policy that already differs from the reference
+    (the seed gives a positive KTO KL estimate on the sample data)."""
+    model = sharp_reference_model()
+    generator = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.03 * torch.randn(param.shape, generator=generator))
+    return model

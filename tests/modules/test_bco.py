@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import constant_lr, quiet_trainer, sample_rows, sgd
+from helpers import constant_lr, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -28,20 +28,8 @@ def tok():
     return tiny_tokenizer()
 
 
-def reference_model() -> torch.nn.Module:
-    model = tiny_model("tiny-llama", seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-def policy_model() -> torch.nn.Module:
-    model = reference_model()
-    generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.03 * torch.randn(param.shape, generator=generator))
-    return model
+reference_model = sharp_reference_model
+policy_model = perturbed_policy_model
 
 
 def data(tok, rows, batch_size, **kwargs) -> UnpairedPreferenceDataModule:

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from helpers import StepMetrics, quiet_trainer, sample_rows, sgd
+from helpers import StepMetrics, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -20,21 +20,8 @@ def tok():
     return tiny_tokenizer()
 
 
-def reference_model() -> torch.nn.Module:
-    model = tiny_model("tiny-llama", seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-def policy_model() -> torch.nn.Module:
-    """The reference with every weight perturbed (seed chosen so that the KL estimate is positive)."""
-    model = reference_model()
-    generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.03 * torch.randn(param.shape, generator=generator))
-    return model
+reference_model = sharp_reference_model
+policy_model = perturbed_policy_model
 
 
 def data(tok, rows, batch_size, **kwargs) -> UnpairedPreferenceDataModule:

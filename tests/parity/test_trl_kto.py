@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset
-from helpers import StepMetrics, quiet_trainer, sample_rows, sgd
+from helpers import StepMetrics, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -35,22 +35,8 @@ def tok():
     return tiny_tokenizer()
 
 
-def reference_model() -> torch.nn.Module:
-    """The tiny llama with a scaled-up head (log-probs that differ between completions)."""
-    model = tiny_model("tiny-llama", seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-def policy_model() -> torch.nn.Module:
-    """The reference with every weight perturbed: a policy that already differs from it."""
-    model = reference_model()
-    generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.03 * torch.randn(param.shape, generator=generator))
-    return model
+reference_model = sharp_reference_model
+policy_model = perturbed_policy_model
 
 
 def kto_trainer(tmp_path, tok, rows, batch_size, policy=None, ref=None, **config):
