@@ -99,3 +99,9 @@ def perturbed_policy_model() -> torch.nn.Module:
         for param in model.parameters():
             param.add_(0.03 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def flushed(module: Any, mode: str = "train") -> dict[str, float]:
+    """A module's metrics as they would be logged at an optimizer step (``train``) or validation end (``val``),
+    reduced and with the derived ones, without needing a Trainer."""
+    return module.reduce_metrics(mode)

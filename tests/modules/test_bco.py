@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import constant_lr, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
+from helpers import constant_lr, flushed, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -38,9 +38,6 @@ def data(tok, rows, batch_size, **kwargs) -> UnpairedPreferenceDataModule:
     dm.setup("fit")
     return dm
 
-
-def flushed(module, mode="train") -> dict[str, float]:
-    return module._metrics[mode].flush(lambda t: t, torch.device("cpu"))
 
 
 def sequence_logp(model, prompt_ids, completion_ids) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer, sample_rows
+from helpers import flushed, quiet_trainer, sample_rows
 
 from lightning_llm.data.preference import PreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -31,9 +31,6 @@ def sharp_model(seed: int = 5) -> torch.nn.Module:
         model.lm_head.weight.mul_(8.0)
     return model
 
-
-def flushed(module) -> dict[str, float]:
-    return module.reduce_metrics("train")
 
 
 def completion_token_logps(model, prompt_ids, completion_ids) -> torch.Tensor:

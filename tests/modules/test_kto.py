@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from helpers import StepMetrics, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
+from helpers import StepMetrics, flushed, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -29,9 +29,6 @@ def data(tok, rows, batch_size, **kwargs) -> UnpairedPreferenceDataModule:
     dm.setup("fit")
     return dm
 
-
-def flushed(module) -> dict[str, float]:
-    return module.reduce_metrics("train")
 
 
 def sequence_logp(model, prompt_ids, completion_ids) -> float:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer, sample_rows
+from helpers import flushed, quiet_trainer, sample_rows
 
 from lightning_llm.data.preference import PreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -26,10 +26,6 @@ def sharp_model(seed: int = 3) -> torch.nn.Module:
         model.lm_head.weight.mul_(8.0)
     return model
 
-
-def flushed(module: ORPOModule) -> dict[str, float]:
-    """The metrics recorded since the last flush, as they would be logged (no trainer attached: nothing is logged)."""
-    return module.reduce_metrics("train")
 
 
 def per_sequence(model, prompt_ids, completion_ids):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
-from helpers import StepMetrics, constant_lr, quiet_trainer, reference_nll_sum, sample_rows, sgd
+from helpers import StepMetrics, constant_lr, flushed, quiet_trainer, reference_nll_sum, sample_rows, sgd
 
 from lightning_llm import DPOModule, PreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -23,13 +22,6 @@ PAIR_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "logps/chosen", "logps/rejected"]
 TOKEN_METRICS = ["entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"]
 
-
-def flushed(module, mode: str = "train") -> dict[str, float]:
-    """The metrics as logged at an optimizer step (or validation end): the module's own flush, without a Trainer
-    (whose absence only makes ``self.log`` warn)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return module.flush_metrics(mode)
 
 
 @pytest.fixture(scope="module")

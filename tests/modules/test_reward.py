@@ -3,23 +3,13 @@ sample pairs, validation accuracy, dropout off by default, ``score`` consistent 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import StepMetrics, quiet_trainer, sample_rows
+from helpers import StepMetrics, flushed, quiet_trainer, sample_rows
 
 from lightning_llm import PreferenceDataModule, RewardModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
-
-
-def flushed(module, mode: str = "train") -> dict[str, float]:
-    """The metrics as logged at an optimizer step (or validation end): the module's own flush, without a Trainer
-    (whose absence only makes ``self.log`` warn)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return module.flush_metrics(mode)
 
 
 @pytest.fixture(scope="module")
