@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_llm.kernels.transform import transform_grad, transform_logits
+from lightning_llm.kernels.transform import block_size, load_raw_logits, transform_grad, transform_logits
 from lightning_llm.ops.transform import LogitTransform
 
 __all__ = ["logits_grad_", "logits_grad_reference", "narrow_view"]
@@ -61,9 +61,7 @@ def _logits_grad_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
-        raw = tl.load(in_row + cols, mask=in_chunk, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
+        raw = load_raw_logits(in_row, bias_ptr, cols, in_chunk, HAS_BIAS)
         z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         log_p = z - log_z
         p = tl.exp(log_p)
@@ -89,10 +87,6 @@ def narrow_view(tile: Tensor, dtype: torch.dtype) -> Tensor:
     return tile.view(dtype)[:, : tile.shape[1]]  # [rows, 2 * cols] -> its first half of every row
 
 
-def _block_size(n_cols: int, block: int | None) -> int:
-    return block or min(1024, triton.next_power_of_2(max(n_cols, 16)))
-
-
 def logits_grad_(
     tile: Tensor,  # [rows, cols] raw logits (fp32, or bf16/fp16)
     grad: Tensor,  # [rows, cols] output, may be the tile itself or narrow_view(tile, dtype)
@@ -116,7 +110,7 @@ def logits_grad_(
         raise ValueError("entropy is required with grad_entropy")
     if rows == 0:
         return grad
-    block = _block_size(cols, block)
+    block = block_size(cols, block)
     _logits_grad_kernel[(rows,)](
         tile,
         tile.stride(0),

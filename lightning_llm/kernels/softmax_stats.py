@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_llm.kernels.transform import transform_logits
+from lightning_llm.kernels.transform import block_size, load_raw_logits, transform_logits
 from lightning_llm.ops.transform import LogitTransform
 
 __all__ = ["SoftmaxStats", "fold_softmax_stats", "fold_softmax_stats_reference"]
@@ -108,9 +108,7 @@ def _fold_stats_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
-        raw = tl.load(row_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
+        raw = load_raw_logits(row_ptr, bias_ptr, cols, in_chunk, HAS_BIAS)
         z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         z = tl.where(in_chunk, z, float("-inf"))
         new_m = tl.maximum(m, tl.max(z, axis=0))
@@ -148,10 +146,6 @@ def _fold_stats_kernel(
 _TILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _block_size(n_cols: int, block: int | None) -> int:
-    return block or min(1024, triton.next_power_of_2(max(n_cols, 16)))
-
-
 def fold_softmax_stats(
     tile: Tensor,  # [rows, cols] fp32 (or bf16/fp16), unit stride along cols
     bias: Tensor | None,  # [cols]
@@ -172,7 +166,7 @@ def fold_softmax_stats(
     if tile.dtype not in _TILE_DTYPES or tile.stride(1) != 1:
         raise ValueError(f"tile must be fp32/bf16/fp16 with unit stride along the vocabulary, got {tile.dtype}")
     want_entropy, want_top1, want_mean, want_sq = want
-    block = _block_size(cols, block)
+    block = block_size(cols, block)
     _fold_stats_kernel[(rows,)](
         tile,
         tile.stride(0),

@@ -33,3 +33,17 @@ def transform_grad(grad_z, raw, logit_scale, softcap, inv_temperature, HAS_SOFTC
         t = tanh(raw * tl.cast(logit_scale, tl.float32) / tl.cast(softcap, tl.float32))
         grad = grad * (1.0 - t * t)
     return grad
+
+
+@triton.jit
+def load_raw_logits(row_ptr, bias_ptr, cols, in_chunk, HAS_BIAS: tl.constexpr):
+    """One block of a row's raw logits ``y`` (plus the head bias) in fp32; 0 outside the chunk."""
+    raw = tl.load(row_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + cols, mask=in_chunk, other=0.0).to(tl.float32)
+    return raw
+
+
+def block_size(n_cols: int, block: int | None) -> int:
+    """The column block of the row kernels: ``block`` if given, else the next power of two up to 1024."""
+    return block or min(1024, triton.next_power_of_2(max(n_cols, 16)))
