@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "tiny_model": "lightning_llm.models.presets",
     # ops
     "linear_logprobs": "lightning_llm.ops",
+    "linear_token_loss": "lightning_llm.ops",
     # callbacks
     "BEMACallback": "lightning_llm.callbacks.bema",
     "SyncRefModelCallback": "lightning_llm.callbacks.sync_ref_model",

@@ -13,12 +13,13 @@ import torch
 
 from lightning_llm._lazy import lazy_exports
 
-__all__ = ["triton_available", "triton_runs_on", "TritonLinearLogProbs", "default_token_rows"]
+__all__ = ["triton_available", "triton_runs_on", "TritonLinearLogProbs", "TritonRowScorer", "default_token_rows"]
 
 # public name -> module that defines it, loaded on first access (they import triton)
 _LAZY: dict[str, str] = {
     "TritonLinearLogProbs": "lightning_llm.kernels.linear_logprobs",
     "default_token_rows": "lightning_llm.kernels.linear_logprobs",
+    "TritonRowScorer": "lightning_llm.kernels.linear_logprobs",
 }
 
 

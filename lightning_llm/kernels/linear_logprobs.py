@@ -28,7 +28,7 @@ from lightning_llm.kernels.logits_grad import logits_grad_, narrow_view
 from lightning_llm.kernels.softmax_stats import SoftmaxStats, fold_softmax_stats
 from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
-__all__ = ["TileConfig", "TritonLinearLogProbs", "default_token_rows", "VOCAB_CHUNK", "TILE_BUDGET"]
+__all__ = ["TileConfig", "TritonLinearLogProbs", "TritonRowScorer", "default_token_rows", "VOCAB_CHUNK", "TILE_BUDGET"]
 
 # Vocabulary columns per tile: wide enough that the fp32 [N, H] gradient accumulator is revisited only
 # V / 4096 times (37 passes at V = 152k), narrow enough that a full-N tile stays small.
@@ -232,3 +232,58 @@ def _write_weight_grad(out: Tensor, grad_t: Tensor, hidden: Tensor, compute_dtyp
         matmul_f32(grad_t, hidden, compute_dtype, out=out)
     else:
         out.copy_(matmul_f32(grad_t, hidden, compute_dtype))
+
+
+class TritonRowScorer:
+    """Scores token rows against the whole vocabulary at once: one GEMM writes the ``[rows, V]`` logits tile,
+    :func:`fold_softmax_stats` reads it once, and :meth:`grad` overwrites it in place with ``dL/dy``.
+
+    The Triton counterpart of :class:`lightning_llm.ops.chunked.ChunkedRowScorer`, used by
+    :func:`lightning_llm.ops.linear_token_loss`. The tile buffer is allocated once for ``max_rows`` rows.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        transform: LogitTransform,
+        compute_dtype: torch.dtype,
+        max_rows: int,
+        tiles: TileConfig | None = None,
+    ):
+        self.weight_op = mm_operand(weight, compute_dtype)  # [V, H]
+        self.bias = bias
+        self.transform = transform
+        self.compute_dtype = compute_dtype
+        self.tiles = tiles or TileConfig()
+        vocab_size = weight.shape[0]
+        self._buffer = torch.empty(max_rows * vocab_size, device=weight.device, dtype=self.tiles.logits_dtype)
+        self._tile: Tensor | None = None
+
+    def scores(
+        self, hidden: Tensor, targets: Tensor, entropy: bool, is_top1: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(log_z, logps, entropy, is_top1)`` of the rows ``hidden`` (``[n, H]``) with targets ``[n]``."""
+        n_rows, vocab_size = hidden.shape[0], self.weight_op.shape[0]
+        tile = self._buffer[: n_rows * vocab_size].view(n_rows, vocab_size)
+        _logits_into(tile, mm_operand(hidden, self.compute_dtype), self.weight_op.t(), self.compute_dtype)
+        stats = SoftmaxStats.empty(n_rows, hidden.device)
+        fold_softmax_stats(tile, self.bias, targets, stats, 0, self.transform, (entropy, is_top1, False, False),
+                           self.tiles.block)
+        log_z, logps, ent, top1, _, _ = stats.finish(vocab_size)
+        self._tile = tile
+        return log_z, logps, ent if entropy else None, top1 if is_top1 else None
+
+    def grad(
+        self,
+        targets: Tensor,
+        log_z: Tensor,
+        entropy: Tensor | None,
+        grad_logps: Tensor | None,
+        grad_entropy: Tensor | None,
+    ) -> Tensor:
+        """``dL/dy`` of the rows last scored, written over their logits tile (in the GEMM operand dtype)."""
+        tile, self._tile = self._tile, None
+        grad_dtype = self.tiles.grad_dtype or (tile.dtype if tile.dtype.itemsize < 4 else self.weight_op.dtype)
+        return logits_grad_(tile, narrow_view(tile, grad_dtype), self.bias, targets, log_z, entropy, grad_logps,
+                            grad_entropy, 0, self.transform, self.tiles.block)

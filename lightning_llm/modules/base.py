@@ -26,7 +26,9 @@ from lightning_llm.data.chat import conversation_text, ensure_chat_template
 from lightning_llm.models.loading import load_model, load_tokenizer, model_name
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, is_peft_model
-from lightning_llm.ops import TokenLogProbs, linear_logprobs
+from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
+from lightning_llm.ops.logprobs import resolve_impl
+from lightning_llm.ops.token_loss import TokenLossFn
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +276,30 @@ class LLMModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ the log-prob path
+    def _head_inputs(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        labels: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``(hidden [B, T-1, H], targets [B, T-1], head weight, head options)``: the backbone's last hidden
+        states aligned with the next tokens, and what the LM head needs to score them (bias, transform, impl)."""
+        parts = causal_lm_parts(model)
+        backbone_kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            backbone_kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            backbone_kwargs["position_ids"] = position_ids
+        hidden = parts.backbone(**backbone_kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
+        weight, bias = parts.head_weight()
+        options = dict(
+            bias=bias, ignore_index=IGNORE_INDEX, logit_scale=parts.scaling.logit_scale,
+            softcap=parts.scaling.softcap, impl=self.logprob_impl,
+        )
+        return hidden.to(weight.device), labels[:, 1:].to(weight.device), weight, options
+
     def token_logprobs(
         self,
         model: nn.Module,
@@ -294,21 +320,48 @@ class LLMModule(L.LightningModule):
         :func:`lightning_llm.ops.linear_logprobs`; the full ``[B, T, V]`` logits are never built. Positions whose
         label is ``-100`` read 0 and cost no head work. Outputs have shape ``[B, T-1]``.
         """
-        parts = causal_lm_parts(model)
-        backbone_kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            backbone_kwargs["attention_mask"] = attention_mask
-        if position_ids is not None:
-            backbone_kwargs["position_ids"] = position_ids
-        hidden = parts.backbone(**backbone_kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
-        targets = labels[:, 1:]  # [B, T-1]
-        weight, bias = parts.head_weight()
+        hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask, position_ids)
         return linear_logprobs(
-            hidden.to(weight.device), weight, targets.to(weight.device), bias=bias, ignore_index=IGNORE_INDEX,
-            temperature=temperature, logit_scale=parts.scaling.logit_scale, softcap=parts.scaling.softcap,
-            return_entropy=return_entropy, return_is_top1=return_is_top1, return_mean_logits=return_mean_logits,
-            return_log_sum_sq_probs=return_log_sum_sq_probs, impl=self.logprob_impl,
+            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
+            return_is_top1=return_is_top1, return_mean_logits=return_mean_logits,
+            return_log_sum_sq_probs=return_log_sum_sq_probs, **options,
         )
+
+    def token_loss(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        labels: Tensor,
+        token_loss: TokenLossFn,
+        *,
+        token_inputs: dict[str, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_is_top1: bool = False,
+    ) -> TokenLoss:
+        """Sum of a per-token loss over the tokens of ``labels[:, 1:]``, its head gradient computed in the forward.
+
+        The same backbone and head as :meth:`token_logprobs`, scored by :func:`lightning_llm.ops.linear_token_loss`
+        (``token_inputs`` are ``[B, T-1]`` constants handed to ``token_loss``). Per-token outputs are ``[B, T-1]``.
+        """
+        hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask, position_ids)
+        return linear_token_loss(
+            hidden, weight, targets, token_loss, token_inputs=token_inputs, temperature=temperature,
+            return_entropy=return_entropy, return_is_top1=return_is_top1, **options,
+        )
+
+    def fuses_token_loss(self, fuse: bool | None, device: torch.device | None = None) -> bool:
+        """Whether a per-token loss should go through :meth:`token_loss` rather than :meth:`token_logprobs`.
+
+        ``fuse`` forces the answer; ``None`` fuses where the resolved implementation is the chunked torch path
+        (a quarter fewer head FLOPs at the same memory). On the Triton path the unfused vocabulary-outer
+        schedule is kept by default: see :mod:`lightning_llm.ops.token_loss`.
+        """
+        if fuse is not None:
+            return fuse
+        return resolve_impl(self.logprob_impl, device or self.device) == "chunked"
 
     # ---------------------------------------------------------------------------------------------------- metrics
     @property

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
-__all__ = ["ChunkedLinearLogProbs", "full_row_stats", "logits_grad", "default_chunk_rows", "LOGITS_BUDGET"]
+__all__ = ["ChunkedLinearLogProbs", "ChunkedRowScorer", "full_row_stats", "logits_grad", "default_chunk_rows", "LOGITS_BUDGET"]
 
 # fp32 logits elements per chunk (64 MiB); a few temporaries of that size live at once
 LOGITS_BUDGET = 1 << 24
@@ -210,3 +210,43 @@ def _chunked_backward(
         None,
         None,
     )
+
+
+class ChunkedRowScorer:
+    """Scores token rows with full ``[rows, V]`` fp32 logits in torch; :func:`lightning_llm.ops.token_loss`'s CPU path.
+
+    :meth:`scores` keeps the chunk's logits so :meth:`grad` can turn them into ``dL/dy`` without recomputing.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, transform: LogitTransform, compute_dtype: torch.dtype):
+        self.weight_op = mm_operand(weight, compute_dtype)
+        self.bias = bias
+        self.transform = transform
+        self.compute_dtype = compute_dtype
+        self._raw: Tensor | None = None
+        self._z: Tensor | None = None
+
+    def scores(
+        self, hidden: Tensor, targets: Tensor, entropy: bool, is_top1: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(log_z, logps, entropy, is_top1)`` of the rows ``hidden`` (``[n, H]``) with targets ``[n]``."""
+        self._raw = _raw_logits(hidden, self.weight_op, self.bias, self.compute_dtype)
+        self._z = self.transform.apply(self._raw)
+        log_z, logps, ent, top1, _, _ = full_row_stats(
+            self._z, targets, entropy=entropy, is_top1=is_top1, mean_logits=False, log_sum_sq_probs=False
+        )
+        return log_z, logps, ent, top1
+
+    def grad(
+        self,
+        targets: Tensor,
+        log_z: Tensor,
+        entropy: Tensor | None,
+        grad_logps: Tensor | None,
+        grad_entropy: Tensor | None,
+    ) -> Tensor:
+        """``dL/dy`` ``[n, V]`` (fp32) of the rows last scored, for upstream gradients on logps and entropy."""
+        grad_z = logits_grad(self._z, targets, log_z, entropy, grad_logps, grad_entropy)
+        grad_raw = self.transform.backward(grad_z, self._raw)
+        self._raw = self._z = None
+        return grad_raw

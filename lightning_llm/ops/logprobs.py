@@ -8,6 +8,7 @@ kernels), elsewhere a chunked torch path, both with a recomputing backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from lightning_llm.ops.chunked import ChunkedLinearLogProbs, default_chunk_rows
 from lightning_llm.ops.eager import eager_linear_logprobs
 from lightning_llm.ops.transform import LogitTransform
 
-__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS"]
+__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows"]
 
 IMPLS = ("auto", "triton", "chunked", "eager")
 
@@ -123,6 +124,81 @@ def _scatter_rows(values: Tensor | None, index: Tensor | None, n_rows: int, shap
     return values.reshape(shape)
 
 
+@dataclass
+class HeadRows:
+    """The head's inputs flattened to rows, checked, with the settings every implementation needs.
+
+    ``hidden [N, H]`` and ``targets [N]`` hold every position; :meth:`compact` drops the ignored ones (they cost
+    no head work) and :meth:`scatter` puts per-row results back in the shape of the original ``targets``.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor
+    valid: Tensor
+    transform: LogitTransform
+    compute_dtype: torch.dtype
+    impl: str
+    shape: torch.Size
+    index: Tensor | None = None
+
+    def compact(self) -> tuple[Tensor, Tensor]:
+        """``(hidden, targets)`` of the valid rows only (the inputs themselves when nothing is ignored)."""
+        self.index = None if bool(self.valid.all()) else self.valid.nonzero().squeeze(1)
+        if self.index is None:
+            return self.hidden, self.targets
+        return self.hidden.index_select(0, self.index), self.targets.index_select(0, self.index)
+
+    def scatter(self, values: Tensor | None) -> Tensor | None:
+        """Per-valid-row ``values`` back to the targets' shape, 0 / False at ignored positions."""
+        return _scatter_rows(values, self.index, self.valid.shape[0], self.shape)
+
+
+def head_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    impl: str,
+) -> HeadRows:
+    """Validate the arguments shared by :func:`linear_logprobs` and ``linear_token_loss`` and flatten them."""
+    weight, bias = _gather_if_sharded(weight), _gather_if_sharded(bias)
+    _validate(hidden, weight, targets, bias, chunk_size)
+    transform = LogitTransform(
+        logit_scale=float(logit_scale),
+        softcap=float(softcap) if softcap is not None else None,
+        temperature=float(temperature),
+    )
+    impl = resolve_impl(impl, hidden.device)
+    vocab_size = weight.shape[0]
+    flat_targets = targets.reshape(-1).long()  # [N]
+    valid = flat_targets != ignore_index
+    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {flat_targets[bad][0].item()}"
+        )
+    return HeadRows(
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
+        weight=weight,
+        bias=bias,
+        targets=flat_targets,
+        valid=valid,
+        transform=transform,
+        compute_dtype=_compute_dtype(hidden, weight),
+        impl=impl,
+        shape=targets.shape,
+    )
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -169,47 +245,27 @@ def linear_logprobs(
         :class:`TokenLogProbs`; outputs not requested are None. Gradients reach ``hidden``, ``weight`` and
         ``bias`` from any upstream gradient on ``logps`` and ``entropy``.
     """
-    weight, bias = _gather_if_sharded(weight), _gather_if_sharded(bias)
-    _validate(hidden, weight, targets, bias, chunk_size)
-    transform = LogitTransform(
-        logit_scale=float(logit_scale),
-        softcap=float(softcap) if softcap is not None else None,
-        temperature=float(temperature),
+    rows = head_rows(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size, impl=impl,
     )
-    impl = resolve_impl(impl, hidden.device)
     want = (return_entropy, return_is_top1, return_mean_logits, return_log_sum_sq_probs)
-    compute_dtype = _compute_dtype(hidden, weight)
-    vocab_size = weight.shape[0]
-    shape = targets.shape
-    hidden_rows = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    flat_targets = targets.reshape(-1).long()  # [N]
-    valid = flat_targets != ignore_index
-    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab_size))
-    if bool(bad.any()):
-        raise ValueError(
-            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {flat_targets[bad][0].item()}"
-        )
-
+    weight, bias, transform, compute_dtype = rows.weight, rows.bias, rows.transform, rows.compute_dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        if impl == "eager":
+        if rows.impl == "eager":
             outputs = eager_linear_logprobs(
-                hidden_rows, weight, bias, flat_targets, valid, transform, compute_dtype, want
+                rows.hidden, weight, bias, rows.targets, rows.valid, transform, compute_dtype, want
             )
-            return TokenLogProbs(*(o.reshape(shape) if o is not None else None for o in outputs))
+            return TokenLogProbs(*(o.reshape(rows.shape) if o is not None else None for o in outputs))
 
-        index = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-        if index is not None:
-            hidden_rows = hidden_rows.index_select(0, index)
-            flat_targets = flat_targets.index_select(0, index)
-        if impl == "triton":
+        hidden_rows, flat_targets = rows.compact()
+        if rows.impl == "triton":
             from lightning_llm.kernels import TritonLinearLogProbs, default_token_rows
 
-            rows = chunk_size or default_token_rows(hidden_rows.shape[0])
+            n_chunk = chunk_size or default_token_rows(hidden_rows.shape[0])
             function = TritonLinearLogProbs
         else:
-            rows = chunk_size or default_chunk_rows(vocab_size)
+            n_chunk = chunk_size or default_chunk_rows(weight.shape[0])
             function = ChunkedLinearLogProbs
-        outputs = function.apply(hidden_rows, weight, bias, flat_targets, transform, compute_dtype, rows, want)
-    n_rows = valid.shape[0]
-    return TokenLogProbs(*(_scatter_rows(o, index, n_rows, shape) for o in outputs))
+        outputs = function.apply(hidden_rows, weight, bias, flat_targets, transform, compute_dtype, n_chunk, want)
+    return TokenLogProbs(*(rows.scatter(o) for o in outputs))

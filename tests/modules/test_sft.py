@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from helpers import IGNORE, StepMetrics, constant_lr, quiet_trainer, sample_rows, sgd
@@ -103,6 +104,33 @@ def one_step_update(batch_size, accumulate, rows, **module_kwargs):
     quiet_trainer(max_steps=1, accumulate_grad_batches=accumulate).fit(module, data)
     start = tiny_model("tiny-llama")
     return torch.cat([(p.detach() - q).flatten() for p, q in zip(module.model.parameters(), start.parameters())])
+
+
+class GradCapture(L.Callback):
+    """The parameter gradients of the first optimizer step, as one flat float64 vector."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not hasattr(self, "grads"):
+            self.grads = torch.cat([p.grad.double().flatten() for p in pl_module.model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "loss_type, impl", [("nll", "chunked"), ("dft", "chunked"), ("nll", "triton"), ("dft", "eager")]
+)
+def test_fused_loss_gives_the_unfused_gradients(loss_type, impl):
+    # The gradient computed in the forward (linear_token_loss) equals autograd through linear_logprobs; the
+    # fused path is the default on CPU, so both ways are forced explicitly
+    if impl == "triton":
+        pytest.importorskip("triton")
+    rows = sample_rows("messages", 8)
+    grads = {}
+    for fuse in (True, False):
+        module = SFTModule("tiny-llama", loss_type=loss_type, logprob_impl=impl, fuse_loss=fuse)
+        capture = GradCapture()
+        quiet_trainer(max_steps=1, callbacks=[capture]).fit(module, SFTDataModule(rows, batch_size=8, shuffle=False))
+        grads[fuse] = capture.grads
+    assert grads[False].abs().max() > 0
+    assert (grads[True] - grads[False]).abs().max() <= 1e-5 * grads[False].abs().max()
 
 
 def test_gradient_accumulation_is_token_normalised_over_the_step():
