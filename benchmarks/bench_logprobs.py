@@ -10,7 +10,9 @@ Every candidate computes ``loss = mean_i -log softmax(hidden @ weight.T)[i, targ
 - ``liger_fused_linear_ce``: Liger-Kernel's fused linear cross-entropy, when importable;
 - ``trl_chunked_logprob``: TRL 1.16's ``trl.kernels.ChunkedLogProbFunction``;
 - ``ours_triton`` / ``ours_chunked``: ``lightning_llm.ops.linear_logprobs`` with ``impl="triton"`` / ``"chunked"``;
-- ``ours_triton_bf16_tiles``: the Triton path with logits tiles in bf16 instead of fp32 (half the traffic).
+- ``ours_triton_bf16_tiles``: the Triton path with logits tiles in bf16 instead of fp32 (half the traffic);
+- ``ours_chunked_fused`` / ``ours_triton_fused``: ``lightning_llm.ops.linear_token_loss``, the loss's head
+  gradient computed in the forward (``6NHV`` instead of ``8NHV``), token-outer chunks of ``--fused-rows`` rows.
 
 Correctness comes first: each candidate's loss and gradients are compared with an fp32 full-logits reference
 on the same inputs. Then each is timed with CUDA events (warm-up, median of ``--reps``) and its incremental
@@ -116,6 +118,18 @@ def make_ours(impl: str) -> LossFn:
     return loss
 
 
+def make_ours_fused(impl: str, rows: int | None) -> LossFn:
+    from lightning_llm.ops import linear_token_loss
+
+    def loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+        inv_n = 1.0 / targets.numel()
+        return linear_token_loss(
+            hidden, weight, targets, lambda logps, entropy: -logps * inv_n, chunk_size=rows, impl=impl
+        ).loss
+
+    return loss
+
+
 def make_ours_bf16_tiles() -> LossFn:
     from lightning_llm.kernels.linear_logprobs import TileConfig, TritonLinearLogProbs, default_token_rows
     from lightning_llm.ops.transform import LogitTransform
@@ -133,20 +147,25 @@ def make_ours_bf16_tiles() -> LossFn:
     return loss
 
 
-def candidates(device: torch.device, smoke: bool) -> dict[str, tuple[Callable[[], LossFn | None], str | None]]:
+def candidates(
+    device: torch.device, smoke: bool, fused_rows: int | None = None
+) -> dict[str, tuple[Callable[[], LossFn | None], str | None]]:
     """name -> (factory, reason it cannot run here or None)."""
     from lightning_llm.kernels import triton_runs_on
 
     cuda = device.type == "cuda"
+    triton_reason = None if triton_runs_on(device) else "Triton cannot run here"
     return {
         "torch_eager": (lambda: torch_eager, None),
         "torch_compile_chunked": (make_compile_chunked, None if cuda else "compile is only timed on CUDA"),
         "torch_linear_cross_entropy": (make_torch_linear_cross_entropy, None),
         "liger_fused_linear_ce": (make_liger, None if cuda else "Liger-Kernel needs CUDA"),
         "trl_chunked_logprob": (make_trl, None),
-        "ours_triton": (lambda: make_ours("triton"), None if triton_runs_on(device) else "Triton cannot run here"),
+        "ours_triton": (lambda: make_ours("triton"), triton_reason),
         "ours_triton_bf16_tiles": (make_ours_bf16_tiles, None if cuda else "narrow tiles only pay on CUDA"),
+        "ours_triton_fused": (lambda: make_ours_fused("triton", fused_rows), triton_reason),
         "ours_chunked": (lambda: make_ours("chunked"), None),
+        "ours_chunked_fused": (lambda: make_ours_fused("chunked", fused_rows), None),
     }
 
 
@@ -259,6 +278,7 @@ def run_shape(
     reps: int,
     smoke: bool,
     tolerance: dict[str, float],
+    fused_rows: int | None = None,
 ) -> list[Result]:
     n, h, v = shape
     hidden, weight, targets = make_inputs(n, h, v, dtype, device)
@@ -267,7 +287,7 @@ def run_shape(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     flops = 6 * n * h * v
-    table = candidates(device, smoke)
+    table = candidates(device, smoke, fused_rows)
     results = []
     for name in names:
         factory, reason = table[name]
@@ -345,6 +365,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, few reps (CI keeps the script alive)")
+    parser.add_argument("--cpu", action="store_true", help="time on the CPU at the given --shapes (fp32 default)")
+    parser.add_argument("--fused-rows", type=int, default=None,
+                        help="token rows per chunk of the *_fused candidates (default: their memory budget)")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", help="NxHxV shapes (default: issue 5's two)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (fp32 smoke)")
     parser.add_argument("--impls", nargs="+", help="subset of candidates to run (default: all)")
@@ -357,20 +380,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    device = torch.device("cpu" if args.smoke or args.cpu or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and "triton" not in sys.modules:
         # Triton reads this at import: on CPU its kernels run (slowly) in the interpreter, enough for a smoke run
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if device.type == "cpu" and not args.smoke:
+    if device.type == "cpu" and not (args.smoke or args.cpu):
         print("no CUDA device: running the smoke configuration instead", file=sys.stderr)
         args.smoke = True
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("fp32" if args.smoke else "bf16")
+        args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     ]
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     reps = args.reps if args.reps is not None else (2 if args.smoke else 30)
-    names = list(candidates(device, args.smoke))
+    names = list(candidates(device, args.smoke, args.fused_rows))
     if args.impls:
         unknown = sorted(set(args.impls) - set(names))
         if unknown:
@@ -395,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if peak is not None:
         print(f"{report['device']}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     for n, h, v in shapes:
-        results = run_shape((n, h, v), dtype, device, names, warmup, reps, args.smoke, tolerance)
+        results = run_shape((n, h, v), dtype, device, names, warmup, reps, args.smoke, tolerance, args.fused_rows)
         floor = 6 * n * h * v / (peak * 1e12) * 1e3 if peak else None
         entry = {
             "tokens": n, "hidden": h, "vocab": v, "dtype": str(dtype).removeprefix("torch."), "floor_ms": floor,

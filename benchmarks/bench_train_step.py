@@ -4,6 +4,8 @@ Candidates (each in a fresh process on GPU, so that peak memory is its own):
 
 - ``ours_sft`` / ``ours_dpo``: ``SFTModule`` / ``DPOModule`` under ``Trainer(precision="bf16-mixed")`` with the
   log-prob kernel on (``logprob_impl="auto"``: Triton on CUDA);
+- ``ours_sft_fused``: ``SFTModule(fuse_loss=True)``, the NLL's head gradient computed in the forward
+  (:func:`lightning_llm.ops.linear_token_loss`) instead of the Triton path's recomputing backward;
 - ``ours_sft_nokernel`` / ``ours_dpo_nokernel``: the same with ``logprob_impl="eager"`` (full logits);
 - ``trl_sft`` / ``trl_dpo``: TRL 1.16's ``SFTTrainer`` / ``DPOTrainer`` (``bf16=True``) on the same model and data;
 - ``trl_sft_liger`` / ``trl_dpo_liger``: the same with ``use_liger_kernel=True`` when Liger-Kernel is installed.
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 
 GIB = 1024**3
 CANDIDATES = (
-    "ours_sft", "ours_sft_nokernel", "trl_sft", "trl_sft_liger",
+    "ours_sft", "ours_sft_fused", "ours_sft_nokernel", "trl_sft", "trl_sft_liger",
     "ours_dpo", "ours_dpo_nokernel", "trl_dpo", "trl_dpo_liger",
 )
 
@@ -146,7 +148,7 @@ def run_ours(name: str, setup: Setup, device: torch.device) -> dict[str, Any]:
     model = build_model(setup)
     common = dict(tokenizer=tokenizer, logprob_impl=impl, learning_rate=1e-6)
     if "_sft" in name:
-        module = SFTModule(model, **common)
+        module = SFTModule(model, fuse_loss=True if name.endswith("fused") else None, **common)
         data = SFTDataModule(sft_rows, tokenizer=tokenizer, batch_size=setup.batch_size, shuffle=False,
                              max_length=2048)
     else:
