@@ -11,8 +11,11 @@ Every candidate computes ``loss = mean_i -log softmax(hidden @ weight.T)[i, targ
 - ``trl_chunked_logprob``: TRL 1.16's ``trl.kernels.ChunkedLogProbFunction``;
 - ``ours_triton`` / ``ours_chunked``: ``lightning_llm.ops.linear_logprobs`` with ``impl="triton"`` / ``"chunked"``;
 - ``ours_triton_bf16_tiles``: the Triton path with logits tiles in bf16 instead of fp32 (half the traffic);
-- ``ours_chunked_fused`` / ``ours_triton_fused``: ``lightning_llm.ops.linear_token_loss``, the loss's head
-  gradient computed in the forward (``6NHV`` instead of ``8NHV``), token-outer chunks of ``--fused-rows`` rows.
+- ``ours_triton_fused_gemm``: the Triton path with ``TileConfig(fused_gemm=True)``: the logits are computed
+  inside the Triton kernels (``tl.dot``) and never written; the backward's tile holds only ``dL/dy`` in bf16;
+- ``ours_chunked_fused_loss`` / ``ours_triton_fused_loss`` / ``ours_triton_fused_loss_gemm``:
+  ``lightning_llm.ops.linear_token_loss``, the loss's head gradient computed in the forward (``6NHV`` instead
+  of ``8NHV``), token-outer chunks of ``--fused-rows`` rows (the last one with the fused-GEMM kernels).
 
 Correctness comes first: each candidate's loss and gradients are compared with an fp32 full-logits reference
 on the same inputs. Then each is timed with CUDA events (warm-up, median of ``--reps``) and its incremental
@@ -118,13 +121,26 @@ def make_ours(impl: str) -> LossFn:
     return loss
 
 
-def make_ours_fused(impl: str, rows: int | None) -> LossFn:
+def make_ours_fused_gemm() -> LossFn:
+    from lightning_llm.kernels.linear_logprobs import TileConfig
+    from lightning_llm.ops import linear_logprobs
+
+    def loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+        return -linear_logprobs(hidden, weight, targets, impl="triton", tiles=TileConfig(fused_gemm=True)).logps.mean()
+
+    return loss
+
+
+def make_ours_fused_loss(impl: str, rows: int | None, fused_gemm: bool = False) -> LossFn:
+    from lightning_llm.kernels.linear_logprobs import TileConfig
     from lightning_llm.ops import linear_token_loss
+
+    tiles = TileConfig(fused_gemm=True) if fused_gemm else None
 
     def loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         inv_n = 1.0 / targets.numel()
         return linear_token_loss(
-            hidden, weight, targets, lambda logps, entropy: -logps * inv_n, chunk_size=rows, impl=impl
+            hidden, weight, targets, lambda logps, entropy: -logps * inv_n, chunk_size=rows, impl=impl, tiles=tiles
         ).loss
 
     return loss
@@ -163,9 +179,11 @@ def candidates(
         "trl_chunked_logprob": (make_trl, None),
         "ours_triton": (lambda: make_ours("triton"), triton_reason),
         "ours_triton_bf16_tiles": (make_ours_bf16_tiles, None if cuda else "narrow tiles only pay on CUDA"),
-        "ours_triton_fused": (lambda: make_ours_fused("triton", fused_rows), triton_reason),
+        "ours_triton_fused_gemm": (make_ours_fused_gemm, triton_reason),
+        "ours_triton_fused_loss": (lambda: make_ours_fused_loss("triton", fused_rows), triton_reason),
+        "ours_triton_fused_loss_gemm": (lambda: make_ours_fused_loss("triton", fused_rows, True), triton_reason),
         "ours_chunked": (lambda: make_ours("chunked"), None),
-        "ours_chunked_fused": (lambda: make_ours_fused("chunked", fused_rows), None),
+        "ours_chunked_fused_loss": (lambda: make_ours_fused_loss("chunked", fused_rows), None),
     }
 
 
@@ -367,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, few reps (CI keeps the script alive)")
     parser.add_argument("--cpu", action="store_true", help="time on the CPU at the given --shapes (fp32 default)")
     parser.add_argument("--fused-rows", type=int, default=None,
-                        help="token rows per chunk of the *_fused candidates (default: their memory budget)")
+                        help="token rows per chunk of the *_fused_loss candidates (default: their memory budget)")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", help="NxHxV shapes (default: issue 5's two)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (fp32 smoke)")
     parser.add_argument("--impls", nargs="+", help="subset of candidates to run (default: all)")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_llm.kernels.gemm import gemm_logits_grad, gemm_softmax_stats
 from lightning_llm.kernels.logits_grad import logits_grad_, narrow_view
 from lightning_llm.kernels.softmax_stats import SoftmaxStats, fold_softmax_stats
 from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
@@ -52,12 +53,16 @@ class TileConfig:
     bf16 halves the tile's memory traffic, as TRL and Liger do, and is what the benchmark compares.
     ``grad_dtype``: dtype of the in-place gradient tile (None = the GEMM operand dtype, or the tile's own
     dtype when that is narrower); tests force bf16 on CPU to exercise the narrow in-place write.
+    ``fused_gemm``: compute the logits inside the Triton kernels (:mod:`lightning_llm.kernels.gemm`) instead of
+    having cuBLAS write them to a tile: the forward then keeps no tile at all and the backward's tile holds only
+    ``dL/dy`` in ``grad_dtype``; ``logits_dtype`` and ``block`` do not apply.
     """
 
     vocab_chunk: int = VOCAB_CHUNK
     block: int | None = None
     logits_dtype: torch.dtype = torch.float32
     grad_dtype: torch.dtype | None = None
+    fused_gemm: bool = False
 
 
 class TritonLinearLogProbs(torch.autograd.Function):
@@ -84,20 +89,11 @@ class TritonLinearLogProbs(torch.autograd.Function):
         vocab_chunk = min(tiles.vocab_chunk, vocab_size)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden_op = mm_operand(hidden, compute_dtype)
-            stats = SoftmaxStats.empty(n_rows, hidden.device)
-            buffer = torch.empty(token_rows * vocab_chunk, device=hidden.device, dtype=tiles.logits_dtype)
-            for v0 in range(0, vocab_size, vocab_chunk):
-                v1 = min(v0 + vocab_chunk, vocab_size)
-                weight_op = mm_operand(weight[v0:v1], compute_dtype)  # [cols, H]
-                bias_chunk = bias[v0:v1] if bias is not None else None
-                for r0 in range(0, n_rows, token_rows):
-                    r1 = min(r0 + token_rows, n_rows)
-                    tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-                    _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
-                    fold_softmax_stats(
-                        tile, bias_chunk, targets[r0:r1], stats.rows(r0, r1), v0, transform, want, tiles.block
-                    )
-            del buffer
+            if tiles.fused_gemm:
+                stats = gemm_softmax_stats(hidden_op, weight, bias, targets, transform, want)
+            else:
+                stats = _tiled_stats(hidden_op, weight, bias, targets, transform, compute_dtype, token_rows,
+                                     vocab_chunk, want, tiles)
             log_z, logps, entropy, is_top1, mean_logits, log_sum_sq = stats.finish(vocab_size)
 
         want_entropy, want_top1, want_mean, want_sq = want
@@ -159,7 +155,8 @@ def _backward(
     vocab_chunk = min(tiles.vocab_chunk, vocab_size)
     device = hidden.device
     hidden_op = mm_operand(hidden, compute_dtype)
-    grad_dtype = tiles.grad_dtype or (tiles.logits_dtype if tiles.logits_dtype.itemsize < 4 else hidden_op.dtype)
+    narrow_logits = tiles.logits_dtype.itemsize < 4 and not tiles.fused_gemm
+    grad_dtype = tiles.grad_dtype or (tiles.logits_dtype if narrow_logits else hidden_op.dtype)
     single_token_chunk = token_rows >= n_rows
 
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
@@ -172,7 +169,9 @@ def _backward(
         if need_weight and not single_token_chunk
         else None
     )
-    buffer = torch.empty(token_rows * vocab_chunk, device=device, dtype=tiles.logits_dtype)
+    # fused: the tile only ever holds dL/dy, in the dtype the gradient GEMMs read
+    buffer = torch.empty(token_rows * vocab_chunk, device=device,
+                         dtype=grad_dtype if tiles.fused_gemm else tiles.logits_dtype)
 
     for v0 in range(0, vocab_size, vocab_chunk):
         v1 = min(v0 + vocab_chunk, vocab_size)
@@ -183,20 +182,20 @@ def _backward(
         for r0 in range(0, n_rows, token_rows):
             r1 = min(r0 + token_rows, n_rows)
             tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
-            grad_tile = logits_grad_(
-                tile,
-                narrow_view(tile, grad_dtype),
-                bias_chunk,
+            row_values = (
                 targets[r0:r1],
                 log_z[r0:r1],
                 entropy[r0:r1] if entropy is not None else None,
                 grad_logps[r0:r1] if grad_logps is not None else None,
                 grad_entropy[r0:r1] if grad_entropy is not None else None,
-                v0,
-                transform,
-                tiles.block,
-            )  # [rows, cols] dL/dy
+            )
+            if tiles.fused_gemm:
+                grad_tile = gemm_logits_grad(hidden_op[r0:r1], weight_op, bias_chunk, *row_values, v0, transform,
+                                             out=tile)
+            else:
+                _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
+                grad_tile = logits_grad_(tile, narrow_view(tile, grad_dtype), bias_chunk, *row_values, v0, transform,
+                                         tiles.block)  # [rows, cols] dL/dy
             if grad_hidden is not None:
                 addmm_f32_(grad_hidden[r0:r1], grad_tile, weight_op, compute_dtype)
             if grad_weight is not None:
@@ -214,6 +213,34 @@ def _backward(
         grad_weight,
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
+
+
+def _tiled_stats(
+    hidden_op: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    transform: LogitTransform,
+    compute_dtype: torch.dtype,
+    token_rows: int,
+    vocab_chunk: int,
+    want: tuple[bool, bool, bool, bool],
+    tiles: TileConfig,
+) -> SoftmaxStats:
+    """Forward of the tile path: cuBLAS writes each logits tile, :func:`fold_softmax_stats` folds it in."""
+    n_rows, vocab_size = hidden_op.shape[0], weight.shape[0]
+    stats = SoftmaxStats.empty(n_rows, hidden_op.device)
+    buffer = torch.empty(token_rows * vocab_chunk, device=hidden_op.device, dtype=tiles.logits_dtype)
+    for v0 in range(0, vocab_size, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, vocab_size)
+        weight_op = mm_operand(weight[v0:v1], compute_dtype)  # [cols, H]
+        bias_chunk = bias[v0:v1] if bias is not None else None
+        for r0 in range(0, n_rows, token_rows):
+            r1 = min(r0 + token_rows, n_rows)
+            tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            _logits_into(tile, hidden_op[r0:r1], weight_op.t(), compute_dtype)
+            fold_softmax_stats(tile, bias_chunk, targets[r0:r1], stats.rows(r0, r1), v0, transform, want, tiles.block)
+    return stats
 
 
 def _logits_into(tile: Tensor, hidden: Tensor, weight_t: Tensor, compute_dtype: torch.dtype) -> None:
@@ -235,11 +262,13 @@ def _write_weight_grad(out: Tensor, grad_t: Tensor, hidden: Tensor, compute_dtyp
 
 
 class TritonRowScorer:
-    """Scores token rows against the whole vocabulary at once: one GEMM writes the ``[rows, V]`` logits tile,
-    :func:`fold_softmax_stats` reads it once, and :meth:`grad` overwrites it in place with ``dL/dy``.
+    """Scores token rows against the whole vocabulary at once, for :func:`lightning_llm.ops.linear_token_loss`.
 
-    The Triton counterpart of :class:`lightning_llm.ops.chunked.ChunkedRowScorer`, used by
-    :func:`lightning_llm.ops.linear_token_loss`. The tile buffer is allocated once for ``max_rows`` rows.
+    Tile path: one GEMM writes the ``[rows, V]`` logits tile, :func:`fold_softmax_stats` reads it once and
+    :meth:`grad` overwrites it in place with ``dL/dy``. With ``TileConfig(fused_gemm=True)`` the statistics come
+    from :func:`gemm_softmax_stats` without any tile and :meth:`grad` recomputes the logits inside
+    :func:`gemm_logits_grad`, so the tile holds only ``dL/dy``. The Triton counterpart of
+    :class:`lightning_llm.ops.chunked.ChunkedRowScorer`; the tile buffer is allocated once for ``max_rows`` rows.
     """
 
     def __init__(
@@ -257,21 +286,31 @@ class TritonRowScorer:
         self.compute_dtype = compute_dtype
         self.tiles = tiles or TileConfig()
         vocab_size = weight.shape[0]
-        self._buffer = torch.empty(max_rows * vocab_size, device=weight.device, dtype=self.tiles.logits_dtype)
+        fused = self.tiles.fused_gemm
+        self._grad_dtype = self.tiles.grad_dtype or (
+            self.tiles.logits_dtype if self.tiles.logits_dtype.itemsize < 4 and not fused else self.weight_op.dtype
+        )
+        buffer_dtype = self._grad_dtype if fused else self.tiles.logits_dtype
+        self._buffer = torch.empty(max_rows * vocab_size, device=weight.device, dtype=buffer_dtype)
         self._tile: Tensor | None = None
+        self._hidden: Tensor | None = None
 
     def scores(
         self, hidden: Tensor, targets: Tensor, entropy: bool, is_top1: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(log_z, logps, entropy, is_top1)`` of the rows ``hidden`` (``[n, H]``) with targets ``[n]``."""
         n_rows, vocab_size = hidden.shape[0], self.weight_op.shape[0]
-        tile = self._buffer[: n_rows * vocab_size].view(n_rows, vocab_size)
-        _logits_into(tile, mm_operand(hidden, self.compute_dtype), self.weight_op.t(), self.compute_dtype)
-        stats = SoftmaxStats.empty(n_rows, hidden.device)
-        fold_softmax_stats(tile, self.bias, targets, stats, 0, self.transform, (entropy, is_top1, False, False),
-                           self.tiles.block)
+        hidden_op = mm_operand(hidden, self.compute_dtype)
+        want = (entropy, is_top1, False, False)
+        self._tile = self._buffer[: n_rows * vocab_size].view(n_rows, vocab_size)
+        if self.tiles.fused_gemm:
+            self._hidden = hidden_op
+            stats = gemm_softmax_stats(hidden_op, self.weight_op, self.bias, targets, self.transform, want)
+        else:
+            _logits_into(self._tile, hidden_op, self.weight_op.t(), self.compute_dtype)
+            stats = SoftmaxStats.empty(n_rows, hidden.device)
+            fold_softmax_stats(self._tile, self.bias, targets, stats, 0, self.transform, want, self.tiles.block)
         log_z, logps, ent, top1, _, _ = stats.finish(vocab_size)
-        self._tile = tile
         return log_z, logps, ent if entropy else None, top1 if is_top1 else None
 
     def grad(
@@ -282,8 +321,10 @@ class TritonRowScorer:
         grad_logps: Tensor | None,
         grad_entropy: Tensor | None,
     ) -> Tensor:
-        """``dL/dy`` of the rows last scored, written over their logits tile (in the GEMM operand dtype)."""
-        tile, self._tile = self._tile, None
-        grad_dtype = self.tiles.grad_dtype or (tile.dtype if tile.dtype.itemsize < 4 else self.weight_op.dtype)
-        return logits_grad_(tile, narrow_view(tile, grad_dtype), self.bias, targets, log_z, entropy, grad_logps,
+        """``dL/dy`` of the rows last scored, written over their tile (in the GEMM operand dtype)."""
+        tile, hidden, self._tile, self._hidden = self._tile, self._hidden, None, None
+        if self.tiles.fused_gemm:
+            return gemm_logits_grad(hidden, self.weight_op, self.bias, targets, log_z, entropy, grad_logps,
+                                    grad_entropy, 0, self.transform, out=tile)
+        return logits_grad_(tile, narrow_view(tile, self._grad_dtype), self.bias, targets, log_z, entropy, grad_logps,
                             grad_entropy, 0, self.transform, self.tiles.block)

@@ -21,7 +21,35 @@ from torch import Tensor
 from lightning_llm.kernels.transform import block_size, load_raw_logits, transform_grad, transform_logits
 from lightning_llm.ops.transform import LogitTransform
 
-__all__ = ["logits_grad_", "logits_grad_reference", "narrow_view"]
+__all__ = ["logits_grad_", "logits_grad_block", "logits_grad_reference", "narrow_view"]
+
+
+@triton.jit
+def logits_grad_block(
+    raw,  # raw logits y of a block (fp32), any shape
+    is_target,  # same shape (or broadcastable): column == the row's target
+    log_z,
+    g_logp,
+    entropy,
+    g_entropy,  # per-row values, broadcastable against raw
+    logit_scale,
+    softcap,
+    inv_temperature,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LOGPS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    """``dL/dy`` of a block (module docstring), shared by the row kernel below and the GEMM kernel of
+    :mod:`lightning_llm.kernels.gemm`."""
+    z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    log_p = z - log_z
+    p = tl.exp(log_p)
+    grad = tl.zeros_like(raw)
+    if HAS_GRAD_LOGPS:
+        grad += g_logp * (tl.where(is_target, 1.0, 0.0) - p)
+    if HAS_GRAD_ENTROPY:
+        grad -= g_entropy * p * (log_p + entropy)
+    return transform_grad(grad, raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -53,24 +81,18 @@ def _logits_grad_kernel(
     out_row = grad_ptr + row * grad_stride
     log_z = tl.load(log_z_ptr + row)
     local_target = tl.load(targets_ptr + row) - vocab_start
-    if HAS_GRAD_LOGPS:
-        g_logp = tl.load(grad_logps_ptr + row)
-    if HAS_GRAD_ENTROPY:
-        g_entropy = tl.load(grad_entropy_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
+    # Unused ones are never read by logits_grad_block; the pointers then alias log_z
+    g_logp = tl.load(grad_logps_ptr + row)
+    g_entropy = tl.load(grad_entropy_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
         raw = load_raw_logits(in_row, bias_ptr, cols, in_chunk, HAS_BIAS)
-        z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        log_p = z - log_z
-        p = tl.exp(log_p)
-        grad = tl.zeros((BLOCK,), dtype=tl.float32)
-        if HAS_GRAD_LOGPS:
-            grad += g_logp * (tl.where(cols == local_target, 1.0, 0.0) - p)
-        if HAS_GRAD_ENTROPY:
-            grad -= g_entropy * p * (log_p + entropy)
-        grad = transform_grad(grad, raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        grad = logits_grad_block(
+            raw, cols == local_target, log_z, g_logp, entropy, g_entropy, logit_scale, softcap, inv_temperature,
+            HAS_SOFTCAP, HAS_GRAD_LOGPS, HAS_GRAD_ENTROPY,
+        )
         tl.store(out_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_chunk)
 
 

@@ -55,6 +55,28 @@ class SoftmaxStats:
     def clone(self) -> SoftmaxStats:
         return SoftmaxStats(*(getattr(self, f.name).clone() for f in fields(self)))
 
+    @classmethod
+    def combine(cls, parts: SoftmaxStats) -> SoftmaxStats:
+        """Merge statistics of disjoint vocabulary ranges, each field ``[splits, N]``, into ``[N]`` ones.
+
+        Each split's sums are relative to its own maximum ``m_k``; with ``M = max_k m_k`` and
+        ``w_k = exp(m_k - M)``: ``s = sum w_k s_k``, ``x = sum w_k (x_k + (m_k - M) s_k)``, ``q = sum w_k^2 q_k``.
+        """
+        if parts.max.shape[0] == 1:
+            return SoftmaxStats(*(getattr(parts, f.name)[0] for f in fields(parts)))
+        new_max = parts.max.amax(0)
+        weight = torch.exp(parts.max - new_max)  # [splits, N]; 0 for a split that saw nothing (m_k = -inf)
+        shift = torch.where(parts.sum_exp > 0, parts.max - new_max, torch.zeros_like(parts.max))
+        return cls(
+            max=new_max,
+            sum_exp=(weight * parts.sum_exp).sum(0),
+            x_sum_exp=(weight * (parts.x_sum_exp + shift * parts.sum_exp)).sum(0),
+            sq_sum_exp=(weight * weight * parts.sq_sum_exp).sum(0),
+            z_sum=parts.z_sum.sum(0),
+            best_before=parts.best_before.amax(0),
+            target_z=parts.target_z.sum(0),
+        )
+
     def finish(self, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(log_z, logps, entropy, is_top1, mean_logits, log_sum_sq_probs)`` once every tile is folded."""
         log_s = torch.log(self.sum_exp)
@@ -66,6 +88,50 @@ class SoftmaxStats:
         mean_logits = self.z_sum / vocab_size
         log_sum_sq = torch.log(self.sq_sum_exp) - 2.0 * log_s
         return log_z, logps, entropy, is_top1, mean_logits, log_sum_sq
+
+
+@triton.jit
+def online_stats_update(
+    z,  # [R, B] transformed logits of one block of columns
+    valid,  # [R, B] or [1, B]: columns that exist
+    is_target,  # [R, B]: column == the row's target
+    before_target,  # [R, B]: column < the row's target
+    m,
+    s,
+    x,
+    q,
+    z_sum,
+    best_before,
+    target_z,  # [R] each: the running statistics (module docstring)
+    WANT_ENTROPY: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
+    WANT_MEAN: tl.constexpr,
+    WANT_SQ: tl.constexpr,
+):
+    """Fold a block into the running statistics of its rows; returns ``(m, s, x, q, z_sum, best_before, target_z)``.
+
+    Shared by the row kernel below (one row, ``R = 1``) and the GEMM kernel of :mod:`lightning_llm.kernels.gemm`.
+    """
+    z = tl.where(valid, z, float("-inf"))
+    new_m = tl.maximum(m, tl.max(z, axis=1))
+    rescale = tl.exp(m - new_m)  # 0 on the first block, where m = -inf
+    e = tl.exp(z - new_m[:, None])  # 0 where the column does not exist
+    if WANT_ENTROPY:
+        # sum e (z - m) re-based from the old max to the new one; the s > 0 guard avoids -inf * 0
+        shifted = tl.where(valid, z - new_m[:, None], 0.0)
+        old_shift = tl.where(s > 0, m - new_m, 0.0)
+        x = rescale * (x + old_shift * s) + tl.sum(e * shifted, axis=1)
+    if WANT_SQ:
+        q = q * rescale * rescale + tl.sum(e * e, axis=1)
+    s = s * rescale + tl.sum(e, axis=1)
+    if WANT_MEAN:
+        z_sum += tl.sum(tl.where(valid, z, 0.0), axis=1)
+    # Exactly one column of one block is the target; adding zeros elsewhere keeps z_t bit-exact. The valid test
+    # matters: padding columns past the end may carry the index of a later chunk's target
+    target_z += tl.sum(tl.where(is_target & valid, z, 0.0), axis=1)
+    if WANT_TOP1:
+        best_before = tl.maximum(best_before, tl.max(tl.where(before_target, z, float("-inf")), axis=1))
+    return new_m, s, x, q, z_sum, best_before, target_z
 
 
 @triton.jit
@@ -94,53 +160,38 @@ def _fold_stats_kernel(
     WANT_SQ: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One program per token row, walking its tile in BLOCK-wide steps
+    # One program per token row, walking its tile in BLOCK-wide steps; the row is a [1, BLOCK] block
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * tile_stride
-    local_target = tl.load(targets_ptr + row) - vocab_start  # outside [0, n_cols) when not in this chunk
-    m = tl.load(max_ptr + row)
-    s = tl.load(sum_exp_ptr + row)
-    x = tl.load(x_sum_exp_ptr + row)
-    q = tl.load(sq_sum_exp_ptr + row)
-    z_sum = tl.load(z_sum_ptr + row)
-    best_before = tl.load(best_before_ptr + row)
-    target_z = tl.load(target_z_ptr + row)
+    here = row + tl.arange(0, 1)  # [1]: the statistics of this row as one-element vectors
+    local_target = tl.load(targets_ptr + here) - vocab_start  # outside [0, n_cols) when not in this chunk
+    m = tl.load(max_ptr + here)
+    s = tl.load(sum_exp_ptr + here)
+    x = tl.load(x_sum_exp_ptr + here)
+    q = tl.load(sq_sum_exp_ptr + here)
+    z_sum = tl.load(z_sum_ptr + here)
+    best_before = tl.load(best_before_ptr + here)
+    target_z = tl.load(target_z_ptr + here)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_chunk = cols < n_cols
         raw = load_raw_logits(row_ptr, bias_ptr, cols, in_chunk, HAS_BIAS)
-        z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        z = tl.where(in_chunk, z, float("-inf"))
-        new_m = tl.maximum(m, tl.max(z, axis=0))
-        rescale = tl.exp(m - new_m)  # 0 on the first block, where m = -inf
-        e = tl.exp(z - new_m)  # 0 outside the chunk
-        shifted = tl.where(in_chunk, z - new_m, 0.0)
-        if WANT_ENTROPY:
-            # sum e (z - m) re-based from the old max to the new one; the s > 0 guard avoids -inf * 0
-            old_shift = tl.where(s > 0, m - new_m, 0.0)
-            x = rescale * (x + old_shift * s) + tl.sum(e * shifted, axis=0)
-        if WANT_SQ:
-            q = q * rescale * rescale + tl.sum(e * e, axis=0)
-        s = s * rescale + tl.sum(e, axis=0)
-        m = new_m
-        if WANT_MEAN:
-            z_sum += tl.sum(tl.where(in_chunk, z, 0.0), axis=0)
-        # Exactly one column of one block is the target; adding zeros elsewhere keeps z_t bit-exact. The
-        # in_chunk test matters: padding columns past n_cols may carry the index of a later chunk's target
-        target_z += tl.sum(tl.where((cols == local_target) & in_chunk, z, 0.0), axis=0)
-        if WANT_TOP1:
-            best_before = tl.maximum(best_before, tl.max(tl.where(cols < local_target, z, float("-inf")), axis=0))
-    tl.store(max_ptr + row, m)
-    tl.store(sum_exp_ptr + row, s)
-    tl.store(target_z_ptr + row, target_z)
+        z = transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)[None, :]
+        m, s, x, q, z_sum, best_before, target_z = online_stats_update(
+            z, in_chunk[None, :], cols[None, :] == local_target[:, None], cols[None, :] < local_target[:, None],
+            m, s, x, q, z_sum, best_before, target_z, WANT_ENTROPY, WANT_TOP1, WANT_MEAN, WANT_SQ,
+        )
+    tl.store(max_ptr + here, m)
+    tl.store(sum_exp_ptr + here, s)
+    tl.store(target_z_ptr + here, target_z)
     if WANT_ENTROPY:
-        tl.store(x_sum_exp_ptr + row, x)
+        tl.store(x_sum_exp_ptr + here, x)
     if WANT_SQ:
-        tl.store(sq_sum_exp_ptr + row, q)
+        tl.store(sq_sum_exp_ptr + here, q)
     if WANT_MEAN:
-        tl.store(z_sum_ptr + row, z_sum)
+        tl.store(z_sum_ptr + here, z_sum)
     if WANT_TOP1:
-        tl.store(best_before_ptr + row, best_before)
+        tl.store(best_before_ptr + here, best_before)
 
 
 _TILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

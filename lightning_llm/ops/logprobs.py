@@ -9,7 +9,7 @@ kernels), elsewhere a chunked torch path, both with a recomputing backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from torch import Tensor
 from lightning_llm.ops.chunked import ChunkedLinearLogProbs, default_chunk_rows
 from lightning_llm.ops.eager import eager_linear_logprobs
 from lightning_llm.ops.transform import LogitTransform
+
+if TYPE_CHECKING:
+    from lightning_llm.kernels.linear_logprobs import TileConfig
 
 __all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows"]
 
@@ -155,6 +158,12 @@ class HeadRows:
         return _scatter_rows(values, self.index, self.valid.shape[0], self.shape)
 
 
+def check_tiles(tiles: TileConfig | None, impl: str) -> None:
+    """A ``TileConfig`` configures the Triton path only: refuse it with any other, rather than ignore it."""
+    if tiles is not None and impl != "triton":
+        raise ValueError(f"tiles={tiles} configures the Triton path, but impl resolved to {impl!r}")
+
+
 def head_rows(
     hidden: Tensor,
     weight: Tensor,
@@ -215,6 +224,7 @@ def linear_logprobs(
     return_log_sum_sq_probs: bool = False,
     chunk_size: int | None = None,
     impl: str = "auto",
+    tiles: TileConfig | None = None,
 ) -> TokenLogProbs:
     """Per-token log-probs of ``targets`` under ``softmax(z)``, without the full ``[tokens, vocab]`` logits.
 
@@ -238,6 +248,8 @@ def linear_logprobs(
         chunk_size: token rows per chunk of logits; None picks one from a memory budget.
         impl: ``auto`` (Triton for CUDA tensors when available, else chunked), ``triton``, ``chunked`` or
             ``eager`` (full logits, for testing).
+        tiles: tiling of the Triton path (:class:`lightning_llm.kernels.linear_logprobs.TileConfig`, e.g.
+            ``TileConfig(fused_gemm=True)``); only with the Triton path.
 
     A ``weight`` (or ``bias``) sharded as a DTensor (FSDP2) is gathered first, differentiably.
 
@@ -249,6 +261,7 @@ def linear_logprobs(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
         logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size, impl=impl,
     )
+    check_tiles(tiles, rows.impl)
     want = (return_entropy, return_is_top1, return_mean_logits, return_log_sum_sq_probs)
     weight, bias, transform, compute_dtype = rows.weight, rows.bias, rows.transform, rows.compute_dtype
     with torch.autocast(hidden.device.type, enabled=False):
@@ -267,5 +280,7 @@ def linear_logprobs(
         else:
             n_chunk = chunk_size or default_chunk_rows(weight.shape[0])
             function = ChunkedLinearLogProbs
-        outputs = function.apply(hidden_rows, weight, bias, flat_targets, transform, compute_dtype, n_chunk, want)
+        extra = (tiles,) if tiles is not None else ()
+        outputs = function.apply(hidden_rows, weight, bias, flat_targets, transform, compute_dtype, n_chunk, want,
+                                 *extra)
     return TokenLogProbs(*(rows.scatter(o) for o in outputs))

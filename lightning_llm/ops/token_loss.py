@@ -26,14 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from lightning_llm.ops.chunked import ChunkedRowScorer, default_chunk_rows
-from lightning_llm.ops.logprobs import head_rows
+from lightning_llm.ops.logprobs import check_tiles, head_rows
 from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
+
+if TYPE_CHECKING:
+    from lightning_llm.kernels.linear_logprobs import TileConfig
 
 __all__ = ["TokenLoss", "TokenLossFn", "linear_token_loss"]
 
@@ -83,6 +86,7 @@ class _Spec:
     token_loss: TokenLossFn
     inputs: dict[str, Tensor]  # compacted to the valid rows
     with_grads: bool
+    tiles: TileConfig | None = None
 
 
 def _token_grads(
@@ -112,7 +116,9 @@ def _scorer(weight: Tensor, bias: Tensor | None, spec: _Spec, n_rows: int) -> _R
     if spec.impl == "triton":
         from lightning_llm.kernels import TritonRowScorer
 
-        return TritonRowScorer(weight, bias, spec.transform, spec.compute_dtype, min(spec.chunk_rows, n_rows))
+        return TritonRowScorer(
+            weight, bias, spec.transform, spec.compute_dtype, min(spec.chunk_rows, n_rows), spec.tiles
+        )
     return ChunkedRowScorer(weight, bias, spec.transform, spec.compute_dtype)
 
 
@@ -238,6 +244,7 @@ def linear_token_loss(
     return_is_top1: bool = False,
     chunk_size: int | None = None,
     impl: str = "auto",
+    tiles: TileConfig | None = None,
 ) -> TokenLoss:
     """Sum over non-ignored tokens of ``token_loss(log p_i, H_i, **inputs_i)``, gradients computed in the forward.
 
@@ -259,6 +266,8 @@ def linear_token_loss(
         chunk_size: token rows per ``[rows, V]`` chunk of logits; None picks one from a memory budget.
         impl: ``auto`` (Triton for CUDA tensors, else chunked), ``triton``, ``chunked``, or ``eager`` (one chunk
             of every row: the chunked path without the memory bound, for testing).
+        tiles: Triton path only: its :class:`~lightning_llm.kernels.linear_logprobs.TileConfig` (``fused_gemm``,
+            ``logits_dtype``, ``grad_dtype``, ``block``; ``vocab_chunk`` does not apply, rows span the vocabulary).
 
     Returns:
         :class:`TokenLoss`. Back-propagating ``loss`` hands ``hidden``, ``weight`` and ``bias`` their gradients,
@@ -270,6 +279,7 @@ def linear_token_loss(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
         logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size, impl=impl,
     )
+    check_tiles(tiles, rows.impl)
     inputs = _check_token_inputs(token_inputs, targets)
     with torch.autocast(hidden.device.type, enabled=False):
         hidden_rows, flat_targets = rows.compact()
@@ -294,6 +304,7 @@ def linear_token_loss(
             want_top1=return_is_top1,
             token_loss=token_loss,
             inputs=inputs,
+            tiles=tiles,
             with_grads=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves),
         )
         loss, logps, entropy, is_top1 = _LinearTokenLoss.apply(hidden_rows, rows.weight, rows.bias, flat_targets, spec)

@@ -28,7 +28,7 @@ def test_smoke_mode_checks_and_times_every_runnable_candidate(tmp_path: Path) ->
     (shape,) = report["shapes"]
     results = {r["impl"]: r for r in shape["results"]}
     assert set(results) == set(bench.candidates(bench.torch.device("cpu"), smoke=True))
-    for name in ("torch_eager", "ours_chunked", "ours_chunked_fused"):
+    for name in ("torch_eager", "ours_chunked", "ours_chunked_fused_loss", "ours_triton_fused_gemm"):
         assert results[name]["status"] == "ok", results[name]
     for result in results.values():
         assert result["status"] in ("ok", "skipped"), result

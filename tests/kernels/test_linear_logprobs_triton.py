@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -51,9 +53,11 @@ def apply(hidden, weight, bias, targets, options, token_rows, tiles, want=ALL):
     return on_device, outputs
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_gemm"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_values_and_gradients_match_float64(name: str) -> None:
+def test_values_and_gradients_match_float64(name: str, fused: bool) -> None:
     rows, vocab, width, options, token_rows, tiles = CASES[name]
+    tiles = replace(tiles, fused_gemm=fused)
     hidden, weight, bias, targets, grad_logps, grad_entropy = make_inputs(
         rows, vocab, width, seed=len(name), with_bias=name.startswith("bias")
     )
@@ -74,9 +78,11 @@ def test_values_and_gradients_match_float64(name: str) -> None:
         assert rel_err(actual.cpu(), reference) <= 1e-4
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_gemm"])
 @pytest.mark.parametrize("upstream", ["logps", "entropy"])
-def test_single_upstream_gradient(upstream: str) -> None:
+def test_single_upstream_gradient(upstream: str, fused: bool) -> None:
     rows, vocab, width, options, token_rows, tiles = CASES["token-chunks"]
+    tiles = replace(tiles, fused_gemm=fused)
     hidden, weight, _, targets, grad_logps, grad_entropy = make_inputs(rows, vocab, width, seed=5)
     want = (upstream == "entropy", False, False, False)
     leaves, outputs = apply(hidden, weight, None, targets, options, token_rows, tiles, want)
@@ -95,14 +101,15 @@ def test_single_upstream_gradient(upstream: str) -> None:
     assert rel_err(got[1].cpu(), reference[1]) <= 1e-4
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_gemm"])
 @pytest.mark.parametrize("token_rows", [3, 64])
-def test_bf16_inputs_and_narrow_gradient_tiles(token_rows: int) -> None:
+def test_bf16_inputs_and_narrow_gradient_tiles(token_rows: int, fused: bool) -> None:
     # grad_dtype=bf16 exercises the in-place narrow write even where matmuls run in fp32 (CPU)
     rows, vocab, width = 10, 43, 16
     hidden, weight, bias, targets, grad_logps, grad_entropy = make_inputs(
         rows, vocab, width, seed=6, dtype=torch.bfloat16, with_bias=True
     )
-    tiles = TileConfig(vocab_chunk=16, block=8, grad_dtype=torch.bfloat16)
+    tiles = TileConfig(vocab_chunk=16, block=8, grad_dtype=torch.bfloat16, fused_gemm=fused)
     options = dict(softcap=5.0)
     leaves, outputs = apply(hidden, weight, bias, targets, options, token_rows, tiles)
     expected = reference_outputs(hidden, weight, targets, bias=bias, **options)
@@ -133,7 +140,8 @@ def test_bf16_logits_tiles() -> None:
     assert rel_err(got[1].cpu(), want[1]) <= 2e-2
 
 
-def test_dispatch_through_linear_logprobs_with_ignored_tokens() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_gemm"])
+def test_dispatch_through_linear_logprobs_with_ignored_tokens(fused: bool) -> None:
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(3, 5, 12, generator=generator)
     weight = torch.randn(47, 12, generator=generator) / 12**0.25
@@ -144,7 +152,8 @@ def test_dispatch_through_linear_logprobs_with_ignored_tokens() -> None:
     weight_d = weight.to(DEVICE).requires_grad_()
     kwargs = dict(temperature=0.9, return_entropy=True, return_is_top1=True, return_mean_logits=True,
                   return_log_sum_sq_probs=True)
-    out = linear_logprobs(hidden_d, weight_d, targets.to(DEVICE), impl="triton", chunk_size=4, **kwargs)
+    out = linear_logprobs(hidden_d, weight_d, targets.to(DEVICE), impl="triton", chunk_size=4,
+                          tiles=TileConfig(vocab_chunk=16, fused_gemm=fused), **kwargs)
     chunked = linear_logprobs(hidden.requires_grad_(), weight.requires_grad_(), targets, impl="chunked", **kwargs)
     expected = reference_outputs(hidden.detach(), weight.detach(), targets, temperature=0.9)
     for key in OUTPUTS:
@@ -164,6 +173,12 @@ def test_dispatch_through_linear_logprobs_with_ignored_tokens() -> None:
     assert torch.all(grads[0].cpu()[targets == -100] == 0)
 
 
+def test_tiles_are_refused_off_the_triton_path() -> None:
+    with pytest.raises(ValueError, match="configures the Triton path"):
+        linear_logprobs(torch.randn(3, 8), torch.randn(11, 8), torch.zeros(3, dtype=torch.long), impl="chunked",
+                        tiles=TileConfig(fused_gemm=True))
+
+
 def test_default_token_rows() -> None:
     assert default_token_rows(100) == 100
     assert default_token_rows(10**6, vocab_chunk=4096, budget=1 << 25) == 8192
@@ -172,8 +187,9 @@ def test_default_token_rows() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_float64_at_a_realistic_vocab(dtype: torch.dtype) -> None:
+def test_cuda_matches_float64_at_a_realistic_vocab(dtype: torch.dtype, fused: bool) -> None:
     torch.manual_seed(8)
     rows, vocab, width = 1000, 32_011, 256
     hidden = torch.randn(rows, width, device="cuda").to(dtype)
@@ -182,7 +198,8 @@ def test_cuda_matches_float64_at_a_realistic_vocab(dtype: torch.dtype) -> None:
     targets[::7] = -100
     hidden.requires_grad_()
     weight.requires_grad_()
-    out = linear_logprobs(hidden, weight, targets, impl="triton", softcap=30.0, return_entropy=True)
+    out = linear_logprobs(hidden, weight, targets, impl="triton", softcap=30.0, return_entropy=True,
+                          tiles=TileConfig(fused_gemm=fused))
     expected = reference_outputs(hidden.detach(), weight.detach(), targets, softcap=30.0)
     value_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 2e-2)
     assert rel_err(out.logps, expected["logps"]) <= value_tol

@@ -119,6 +119,24 @@ def test_loss_and_gradients_match_float64(impl: str, loss_name: str, case_name: 
         assert out.entropy is None
 
 
+@pytest.mark.skipif("triton" not in IMPLS, reason="Triton cannot run here")
+@pytest.mark.parametrize("loss_name", ["nll", "entropy_bonus"])
+def test_triton_fused_gemm_matches_float64(loss_name: str) -> None:
+    from lightning_llm.kernels.linear_logprobs import TileConfig
+
+    case = CASES["3d-ignored-bias-chunks"]
+    fn, with_entropy = LOSSES[loss_name]
+    hidden, weight, bias, targets, all_inputs = make_inputs(case, seed=21)
+    inputs = inputs_for(fn, all_inputs)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_token_loss(hidden, weight, targets, fn, token_inputs=inputs, bias=bias, return_entropy=with_entropy,
+                            chunk_size=4, impl="triton", tiles=TileConfig(fused_gemm=True))
+    expected_loss, expected_grads = reference(fn, hidden, weight, bias, targets, inputs, case)
+    assert abs(out.loss.item() - expected_loss.item()) <= 1e-5 * abs(expected_loss.item())
+    for actual, want in zip(torch.autograd.grad(out.loss, leaves), expected_grads):
+        assert rel_err(actual, want) <= 1e-4
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_same_gradients_as_differentiating_linear_logprobs(impl: str) -> None:
     # The fused gradient equals the one linear_logprobs' recomputing backward gives for the same loss
