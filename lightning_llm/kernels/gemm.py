@@ -145,11 +145,14 @@ def _gemm_logits_grad_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+# Block shapes autotuned on CUDA. Compiled for sm_90a with the divisibility hints Triton infers for 16-aligned
+# shapes, none of them spills registers in either kernel (benchmarks/compile_check.py prints the figures);
+# 128 x 256 (8 warps) and 128 x 64 with 4 warps did, in the statistics kernel with entropy.
 _CUDA_CONFIGS = [
     triton.Config(dict(BM=128, BN=128, BK=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BM=128, BN=256, BK=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BM=64, BN=256, BK=64), num_warps=8, num_stages=3),
     triton.Config(dict(BM=64, BN=128, BK=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BM=128, BN=64, BK=64), num_warps=4, num_stages=4),
+    triton.Config(dict(BM=128, BN=64, BK=64), num_warps=8, num_stages=4),
 ]
 
 
@@ -168,10 +171,10 @@ def _launch(kernel_name: str, grid, *args, **constexprs) -> None:
         _tuned(kernel_name)[grid](*args, **constexprs)
 
 
-def _dot_precision(operand: Tensor) -> str:
-    # fp32 operands must not silently drop to TF32's 10-bit mantissa; bf16/fp16 ignore the setting on GPU,
+def _dot_precision(operand: Tensor) -> str | None:
+    # fp32 operands must not silently drop to TF32's 10-bit mantissa; bf16/fp16 keep Triton's default on GPU
     # and run as exact fp32 products in the interpreter
-    return "ieee" if operand.dtype == torch.float32 or _interpreting() else "tf32"
+    return "ieee" if operand.dtype == torch.float32 or _interpreting() else None
 
 
 def _check_operands(hidden: Tensor, weight: Tensor) -> None:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks, in the order that matters: GPU correctness of the kernels first, then the
+# head benchmark, then the end-to-end training steps. Each stage has its own time limit so that a slow stage
+# still leaves the earlier results in $OUT (or ./outputs/device when OUT is unset).
+#
+# On a machine without `datasets`/`trl`/`liger-kernel`, carry them as wheels in .whl/ (ignored by git):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl datasets==4.8.5 dill multiprocess xxhash trl==1.16.0 liger-kernel jsonargparse docstring-parser \
+#       typeshed-client
+#   (pure-Python wheels need no platform flags; `pip download --no-deps -d .whl NAME==VERSION` also works)
+# and start the command with this script: it installs whatever .whl/ holds into /tmp/site.
+#
+#   bash benchmarks/device_check.sh            # GPU: every stage (more than one 10-minute device call)
+#   STAGES="tests bench_logprobs" bash benchmarks/device_check.sh    # first call, about 7 minutes at most
+#   STAGES=bench_train_step bash benchmarks/device_check.sh          # second call, about 5 minutes at most
+#   SMOKE=1 bash benchmarks/device_check.sh    # CPU rehearsal of the same stages, tiny sizes
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-outputs/device}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+STAGES="${STAGES:-tests bench_logprobs bench_train_step}"
+stage() {  # stage NAME SECONDS COMMAND...: run, keep the log in $OUT/NAME.log, report the status, go on
+    local name=$1 limit=$2
+    shift 2
+    case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]}" >>"$OUT/status.txt"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+'cuda', torch.cuda.is_available())"
+} | tee "$OUT/environment.txt"
+
+if [ "${SMOKE:-0}" = "1" ]; then
+    stage tests 600 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/ops/test_token_loss.py -x
+    stage bench_logprobs 300 python3 benchmarks/bench_logprobs.py --smoke --out "$OUT/bench_logprobs.json"
+    stage bench_train_step 300 python3 benchmarks/bench_train_step.py --smoke --out "$OUT/bench_train_step.json"
+else
+    # tests/kernels run on the GPU (tests/ops only exercise CPU paths there)
+    stage tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels
+    stage bench_logprobs 240 python3 benchmarks/bench_logprobs.py --reps 20 --out "$OUT/bench_logprobs.json"
+    stage bench_train_step 300 python3 benchmarks/bench_train_step.py --warmup 2 --steps 6 \
+        --out "$OUT/bench_train_step.json"
+fi
+cat "$OUT/status.txt"
