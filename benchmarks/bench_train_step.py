@@ -6,6 +6,8 @@ Candidates (each in a fresh process on GPU, so that peak memory is its own):
   log-prob kernel on (``logprob_impl="auto"``: Triton on CUDA);
 - ``ours_sft_fused``: ``SFTModule(fuse_loss=True)``, the NLL's head gradient computed in the forward
   (:func:`lightning_llm.ops.linear_token_loss`) instead of the Triton path's recomputing backward;
+- ``ours_sft_fused_gemm`` / ``ours_dpo_fused_gemm``: ``logprob_tiles={"fused_gemm": True}``, the Triton path
+  whose logits never leave the GEMM kernel (:mod:`lightning_llm.kernels.gemm`);
 - ``ours_sft_nokernel`` / ``ours_dpo_nokernel``: the same with ``logprob_impl="eager"`` (full logits);
 - ``trl_sft`` / ``trl_dpo``: TRL 1.16's ``SFTTrainer`` / ``DPOTrainer`` (``bf16=True``) on the same model and data;
 - ``trl_sft_liger`` / ``trl_dpo_liger``: the same with ``use_liger_kernel=True`` when Liger-Kernel is installed.
@@ -42,8 +44,8 @@ import torch  # noqa: E402
 
 GIB = 1024**3
 CANDIDATES = (
-    "ours_sft", "ours_sft_fused", "ours_sft_nokernel", "trl_sft", "trl_sft_liger",
-    "ours_dpo", "ours_dpo_nokernel", "trl_dpo", "trl_dpo_liger",
+    "ours_sft", "ours_sft_fused", "ours_sft_fused_gemm", "ours_sft_nokernel", "trl_sft", "trl_sft_liger",
+    "ours_dpo", "ours_dpo_fused_gemm", "ours_dpo_nokernel", "trl_dpo", "trl_dpo_liger",
 )
 
 
@@ -146,7 +148,8 @@ def run_ours(name: str, setup: Setup, device: torch.device) -> dict[str, Any]:
     sft_rows, dpo_rows = make_rows(setup, tokenizer)
     impl = "eager" if name.endswith("nokernel") else "auto"
     model = build_model(setup)
-    common = dict(tokenizer=tokenizer, logprob_impl=impl, learning_rate=1e-6)
+    tiles = {"fused_gemm": True} if name.endswith("fused_gemm") else None  # only the Triton path reads it
+    common = dict(tokenizer=tokenizer, logprob_impl=impl, logprob_tiles=tiles, learning_rate=1e-6)
     if "_sft" in name:
         module = SFTModule(model, fuse_loss=True if name.endswith("fused") else None, **common)
         data = SFTDataModule(sft_rows, tokenizer=tokenizer, batch_size=setup.batch_size, shuffle=False,

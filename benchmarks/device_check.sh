@@ -13,7 +13,7 @@
 #
 #   bash benchmarks/device_check.sh            # GPU: every stage (more than one 10-minute device call)
 #   STAGES="tests bench_logprobs" bash benchmarks/device_check.sh    # first call, about 7 minutes at most
-#   STAGES=bench_train_step bash benchmarks/device_check.sh          # second call, about 5 minutes at most
+#   STAGES=bench_train_step bash benchmarks/device_check.sh          # second call, 8 minutes at most
 #   SMOKE=1 bash benchmarks/device_check.sh    # CPU rehearsal of the same stages, tiny sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,7 @@ else
     # tests/kernels run on the GPU (tests/ops only exercise CPU paths there)
     stage tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels
     stage bench_logprobs 240 python3 benchmarks/bench_logprobs.py --reps 20 --out "$OUT/bench_logprobs.json"
-    stage bench_train_step 300 python3 benchmarks/bench_train_step.py --warmup 2 --steps 6 \
+    stage bench_train_step 480 python3 benchmarks/bench_train_step.py --warmup 2 --steps 6 \
         --out "$OUT/bench_train_step.json"
 fi
 cat "$OUT/status.txt"

@@ -27,7 +27,7 @@ from lightning_llm.models.loading import load_model, load_tokenizer, model_name
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, is_peft_model
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
-from lightning_llm.ops.logprobs import resolve_impl
+from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
 from lightning_llm.ops.token_loss import TokenLossFn
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,8 @@ class LLMModule(L.LightningModule):
         warmup_steps: warm-up steps (overrides ``warmup_ratio`` when > 0).
         optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW.
         scheduler: a callable ``optimizer -> LRScheduler``; default cosine decay with linear warm-up.
+        logprob_tiles: fields of :class:`~lightning_llm.kernels.linear_logprobs.TileConfig` for the Triton path,
+            e.g. ``{"fused_gemm": true}`` or ``{"logits_dtype": "bfloat16"}``; ignored where another path runs.
         logprob_impl: token log-prob implementation: ``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``,
             ``chunked`` or ``eager`` (full logits; for debugging).
         chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
@@ -186,6 +188,7 @@ class LLMModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         logprob_impl: str = "auto",
+        logprob_tiles: dict[str, Any] | None = None,
         chat_template: str | None = None,
         export_dir: str | None = None,
         merge_adapters: bool = True,
@@ -222,6 +225,7 @@ class LLMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.logprob_impl = logprob_impl
+        self.logprob_tiles = parse_tiles(logprob_tiles)
         self.export_dir = export_dir
         self.merge_adapters = merge_adapters
         self.average_tokens_across_steps = average_tokens_across_steps
@@ -298,6 +302,8 @@ class LLMModule(L.LightningModule):
             bias=bias, ignore_index=IGNORE_INDEX, logit_scale=parts.scaling.logit_scale,
             softcap=parts.scaling.softcap, impl=self.logprob_impl,
         )
+        if self.logprob_tiles is not None and resolve_impl(self.logprob_impl, weight.device) == "triton":
+            options["tiles"] = self.logprob_tiles
         return hidden.to(weight.device), labels[:, 1:].to(weight.device), weight, options
 
     def token_logprobs(

@@ -21,7 +21,7 @@ from lightning_llm.ops.transform import LogitTransform
 if TYPE_CHECKING:
     from lightning_llm.kernels.linear_logprobs import TileConfig
 
-__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows"]
+__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows", "parse_tiles"]
 
 IMPLS = ("auto", "triton", "chunked", "eager")
 
@@ -156,6 +156,27 @@ class HeadRows:
     def scatter(self, values: Tensor | None) -> Tensor | None:
         """Per-valid-row ``values`` back to the targets' shape, 0 / False at ignored positions."""
         return _scatter_rows(values, self.index, self.valid.shape[0], self.shape)
+
+
+_TILE_FIELDS = ("vocab_chunk", "block", "logits_dtype", "grad_dtype", "fused_gemm")
+
+
+def parse_tiles(fields: dict | None) -> TileConfig | None:
+    """A ``TileConfig`` from plain values (YAML): dtypes may be names such as ``"bfloat16"``; None stays None."""
+    if fields is None:
+        return None
+    if not isinstance(fields, dict) or set(fields) - set(_TILE_FIELDS):
+        raise ValueError(f"logprob_tiles must be a dict with keys among {_TILE_FIELDS}, got {fields!r}")
+    values = dict(fields)
+    for name in ("logits_dtype", "grad_dtype"):
+        if isinstance(values.get(name), str):
+            dtype = getattr(torch, values[name].removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"logprob_tiles[{name!r}] must be float32, bfloat16 or float16, got {values[name]!r}")
+            values[name] = dtype
+    from lightning_llm.kernels.linear_logprobs import TileConfig
+
+    return TileConfig(**values)
 
 
 def check_tiles(tiles: TileConfig | None, impl: str) -> None:

@@ -133,6 +133,27 @@ def test_fused_loss_gives_the_unfused_gradients(loss_type, impl):
     assert (grads[True] - grads[False]).abs().max() <= 1e-5 * grads[False].abs().max()
 
 
+@pytest.mark.parametrize("fuse_loss", [False, True])
+def test_triton_fused_gemm_tiles_give_the_chunked_gradients(fuse_loss):
+    # logprob_tiles reaches the Triton path from the module (here under the interpreter): same gradients
+    pytest.importorskip("triton")
+    rows = sample_rows("messages", 4)
+    grads = {}
+    for impl, tiles in (("triton", {"fused_gemm": True, "vocab_chunk": 256}), ("chunked", None)):
+        module = SFTModule("tiny-llama", logprob_impl=impl, logprob_tiles=tiles, fuse_loss=fuse_loss)
+        capture = GradCapture()
+        quiet_trainer(max_steps=1, callbacks=[capture]).fit(module, SFTDataModule(rows, batch_size=4, shuffle=False))
+        grads[impl] = capture.grads
+    assert (grads["triton"] - grads["chunked"]).abs().max() <= 1e-5 * grads["chunked"].abs().max()
+
+
+def test_bad_logprob_tiles_are_named():
+    with pytest.raises(ValueError, match="logprob_tiles"):
+        SFTModule("tiny-llama", logprob_tiles={"fused": True})
+    with pytest.raises(ValueError, match="logprob_tiles\\['logits_dtype'\\]"):
+        SFTModule("tiny-llama", logprob_tiles={"logits_dtype": "int8"})
+
+
 def test_gradient_accumulation_is_token_normalised_over_the_step():
     rows = sample_rows("messages", 8)
     examples = prepared_examples(rows)
