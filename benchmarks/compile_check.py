@@ -1,10 +1,11 @@
-"""Compile the fused head-GEMM kernels for a GPU target without a GPU, and report their resource use.
+"""Compile the Triton kernels for a GPU target without a GPU, and report their resource use.
 
 Triton's interpreter (how the kernels are tested on CPU) accepts programs the GPU backend may reject, and it
 says nothing about registers. This script lowers each kernel of :mod:`lightning_llm.kernels.gemm` for every
-autotuned block shape to PTX for ``sm_90a`` (Hopper), assembles it with the ``ptxas`` that ships with Triton,
-and prints registers per thread, spilled bytes, shared memory and whether Hopper's ``wgmma`` instructions are
-used. Spills in a configuration mean it is unlikely to win the autotuning.
+autotuned block shape, and the two row kernels of the tile path, to PTX for ``sm_90a`` (Hopper), assembles it
+with the ``ptxas`` that ships with Triton, and prints registers per thread, spilled bytes, shared memory and
+whether Hopper's ``wgmma`` instructions are used. Spills in a configuration mean it is unlikely to win the
+autotuning.
 
     python benchmarks/compile_check.py            # every config, bf16, statistics with and without entropy
     python benchmarks/compile_check.py --json out.json
@@ -25,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lightning_llm.kernels import gemm
+from lightning_llm.kernels import gemm, logits_grad, softmax_stats
 
 _STATS_CONSTEXPRS = ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_TOP1", "WANT_MEAN", "WANT_SQ", "DOT_PRECISION",
                      "BM", "BN", "BK")
@@ -100,6 +101,33 @@ def compile_one(kernel: str, config: triton.Config, dtype: str = "bf16", entropy
     }
 
 
+def compile_row_kernels(dtype: str = "bf16") -> list[dict[str, Any]]:
+    """The tile path's row kernels (statistics fold, in-place gradient) with every option on, BLOCK = 1024."""
+    stats = ["max_ptr", "sum_exp_ptr", "x_sum_exp_ptr", "sq_sum_exp_ptr", "z_sum_ptr", "best_before_ptr",
+             "target_z_ptr"]
+    fold_sig = {"tile_ptr": f"*{dtype}", "tile_stride": "i32", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
+                **{name: "*fp32" for name in stats}, "vocab_start": "i32", "n_cols": "i32"}
+    grad_sig = {"tile_ptr": f"*{dtype}", "tile_stride": "i32", "grad_ptr": f"*{dtype}", "grad_stride": "i32",
+                "bias_ptr": f"*{dtype}", "targets_ptr": "*i64", "log_z_ptr": "*fp32", "entropy_ptr": "*fp32",
+                "grad_logps_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "vocab_start": "i32", "n_cols": "i32"}
+    scalars = dict(logit_scale="fp32", softcap="fp32", inv_temperature="fp32")
+    kernels = [
+        ("fold", softmax_stats._fold_stats_kernel, {**fold_sig, **scalars},
+         dict(HAS_BIAS=True, HAS_SOFTCAP=True, WANT_ENTROPY=True, WANT_TOP1=True, WANT_MEAN=True, WANT_SQ=True)),
+        ("rowgrad", logits_grad._logits_grad_kernel, {**grad_sig, **scalars},
+         dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_GRAD_LOGPS=True, HAS_GRAD_ENTROPY=True)),
+    ]
+    report = []
+    for name, fn, sig, flags in kernels:
+        constexprs = dict(flags, BLOCK=1024)
+        sig = {**sig, **{flag: "constexpr" for flag in constexprs}}
+        source = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_divisibility(sig))
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        report.append({"kernel": name, "dtype": dtype, "entropy": True, "BLOCK": 1024, "num_warps": 8,
+                       "shared_bytes": compiled.metadata.shared, **resources(compiled.asm["ptx"])})
+    return report
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -118,6 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       f"BK={row['BK']:<3}warps={row['num_warps']} stages={row['num_stages']}  "
                       f"registers={row['registers']:<4}spills={row['spill_bytes']:<5}"
                       f"shared={row['shared_bytes'] // 1024} KiB  wgmma={row['wgmma']}", flush=True)
+    for row in compile_row_kernels(args.dtype):
+        report.append(row)
+        print(f"{row['kernel']:<15}BLOCK={row['BLOCK']} warps={row['num_warps']}  registers={row['registers']:<4}"
+              f"spills={row['spill_bytes']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return report

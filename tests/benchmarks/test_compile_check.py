@@ -1,4 +1,4 @@
-"""The fused head-GEMM kernels compile for a Hopper GPU (sm_90a) on a machine without one.
+"""Every Triton kernel compiles for a Hopper GPU (sm_90a) on a machine without one.
 
 The interpreter tests check what the kernels compute; this checks that the GPU backend accepts them, that the
 bf16 path uses Hopper's wgmma, and that ptxas reports their registers. It runs the script in a process without
@@ -32,10 +32,14 @@ def test_kernels_compile_for_hopper(tmp_path):
         pytest.skip("this Triton emits PTX newer than the ptxas it ships")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {(r["kernel"], r["entropy"]) for r in rows} == {(k, e) for k in ("stats", "grad") for e in (False, True)}
-    for row in rows:
+    gemm_rows = [r for r in rows if r["kernel"] in ("stats", "grad")]
+    assert {(r["kernel"], r["entropy"]) for r in gemm_rows} == {(k, e) for k in ("stats", "grad") for e in (False, True)}
+    for row in gemm_rows:
         assert row["wgmma"] is True, row
-        assert 0 < row["registers"] <= 255 and row["shared_bytes"] > 0, row
+        assert row["shared_bytes"] > 0, row
+    assert {r["kernel"] for r in rows} - {"stats", "grad"} == {"fold", "rowgrad"}
+    for row in rows:
+        assert 0 < row["registers"] <= 255, row
 
 
 def test_refuses_to_run_under_the_interpreter():
