@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from logprob_reference import reference_outputs, rel_err
+from test_linear_logprobs import make_inputs as head_inputs
 
 from lightning_llm.kernels import triton_runs_on
 from lightning_llm.ops import linear_logprobs, linear_token_loss
@@ -47,16 +48,10 @@ LOSSES = {
 
 
 def make_inputs(case: dict, seed: int, dtype: torch.dtype = torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    shape, vocab, width = case["shape"], case["vocab"], case["hidden"]
-    hidden = torch.randn(*shape, width, generator=generator).to(dtype)
-    weight = (torch.randn(vocab, width, generator=generator) / width**0.25).to(dtype)
-    bias = torch.randn(vocab, generator=generator).to(dtype) if case.get("bias") else None
-    targets = torch.randint(0, vocab, shape, generator=generator)
-    if case.get("ignore_frac"):
-        ignored = torch.rand(shape, generator=generator) < case["ignore_frac"]
-        ignored.view(-1)[0] = True
-        targets = targets.masked_fill(ignored, -100)
+    """The head inputs of test_linear_logprobs' make_inputs, plus per-token constants for the losses."""
+    hidden, weight, bias, targets, _, _ = head_inputs(case, dtype=dtype, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    shape = case["shape"]
     inputs = {
         "weight": torch.rand(shape, generator=generator) + 0.5,
         "advantages": torch.randn(shape, generator=generator),
