@@ -65,12 +65,15 @@ def _ptxas() -> str:
 
 
 def resources(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
-    """Registers and spill bytes that ``ptxas -v`` reports for ``ptx``."""
+    """Registers and spill bytes that ``ptxas -v`` reports for ``ptx`` (-1 when no shipped ptxas reads it)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         Path(path).write_text(ptx)
         run = subprocess.run([_ptxas(), "-v", "--gpu-name", arch, path, "-o", os.devnull], capture_output=True,
                              text=True, check=False)
+    if run.returncode != 0 and "Unsupported .version" in run.stderr:
+        # this Triton emits PTX newer than the ptxas it ships: the kernels compiled, their resources are unknown
+        return {"registers": -1, "spill_bytes": -1}
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed: {run.stderr[-2000:]}")
     registers = re.findall(r"Used (\d+) registers", run.stderr)

@@ -28,8 +28,6 @@ def test_kernels_compile_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT), "--first", "--json", str(out)], capture_output=True, text=True,
                          timeout=600, check=False, env=env)
-    if run.returncode != 0 and "Unsupported .version" in run.stderr:
-        pytest.skip("this Triton emits PTX newer than the ptxas it ships")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())
     gemm_rows = [r for r in rows if r["kernel"] in ("stats", "grad")]
@@ -39,7 +37,8 @@ def test_kernels_compile_for_hopper(tmp_path):
         assert row["shared_bytes"] > 0, row
     assert {r["kernel"] for r in rows} - {"stats", "grad"} == {"fold", "rowgrad"}
     for row in rows:
-        assert 0 < row["registers"] <= 255, row
+        # -1: the Triton in use emits PTX newer than its own ptxas reads; compiling to PTX is then the check
+        assert row["registers"] == -1 or 0 < row["registers"] <= 255, row
 
 
 def test_refuses_to_run_under_the_interpreter():
