@@ -61,6 +61,10 @@ class TokenLoss(NamedTuple):
 
 
 class _RowScorer(Protocol):
+    """Scores chunks of token rows against the whole vocabulary, then gives ``dL/dy`` of the last chunk."""
+
+    weight_op: Tensor  # [V, H] in the dtype the gradient GEMMs multiply in
+
     def scores(
         self, hidden: Tensor, targets: Tensor, entropy: bool, is_top1: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]: ...
