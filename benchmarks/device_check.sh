@@ -3,13 +3,13 @@
 # head benchmark, then the end-to-end training steps. Each stage has its own time limit so that a slow stage
 # still leaves the earlier results in $OUT (or ./outputs/device when OUT is unset).
 #
-# On a machine without `datasets`/`trl`/`liger-kernel`, carry them as wheels in .whl/ (ignored by git):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+# On a machine without `datasets`/`trl`/`liger-kernel` (the lent GPU machines), carry them as wheels in .whl/
+# (ignored by git; 3.6 MB). This command fetched a set that fits Python 3.12 there:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl datasets==4.8.5 dill multiprocess xxhash trl==1.16.0 liger-kernel jsonargparse docstring-parser \
-#       typeshed-client
-#   (pure-Python wheels need no platform flags; `pip download --no-deps -d .whl NAME==VERSION` also works)
-# and start the command with this script: it installs whatever .whl/ holds into /tmp/site.
+#       -d .whl trl==1.16.0 datasets==4.8.5 "dill<0.4.1" "multiprocess<0.70.19" liger-kernel jsonargparse \
+#       docstring-parser typeshed-client
+# Start the device command with this script (carry: [".whl"]): it installs whatever .whl/ holds into /tmp/site.
 #
 #   bash benchmarks/device_check.sh            # GPU: every stage (more than one 10-minute device call)
 #   STAGES="tests bench_logprobs" bash benchmarks/device_check.sh    # first call, about 7 minutes at most
@@ -21,7 +21,7 @@ OUT="${OUT:-outputs/device}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "${SMOKE:-0}" != "1" ] && compgen -G ".whl/*.whl" >/dev/null; then  # the rehearsal uses what is installed
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
