@@ -90,15 +90,19 @@ def sharp_reference_model() -> torch.nn.Module:
     return model
 
 
+def perturb_(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Add seeded Gaussian noise of std ``scale`` to every weight of ``model`` in place; returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
 def perturbed_policy_model() -> torch.nn.Module:
     """:func:`sharp_reference_model` with every weight perturbed: a policy that already differs from the reference
     (the seed gives a positive KTO KL estimate on the sample data)."""
-    model = sharp_reference_model()
-    generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.03 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturb_(sharp_reference_model(), seed=13, scale=0.03)
 
 
 def flushed(module: Any, mode: str = "train") -> dict[str, float]:

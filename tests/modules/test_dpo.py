@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import StepMetrics, flushed, quiet_trainer, reference_nll_sum, sample_rows
+from helpers import StepMetrics, flushed, perturb_, quiet_trainer, reference_nll_sum, sample_rows
 
 from lightning_llm import DPOModule, PreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -23,12 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def policy():
-    model = tiny_model("tiny-llama")
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
+    return perturb_(tiny_model("tiny-llama"), seed=11, scale=0.05)
 
 
 def examples_and_batch(rows, tok):

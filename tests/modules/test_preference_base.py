@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import StepMetrics, constant_lr, flushed, quiet_trainer, reference_nll_sum, sample_rows, sgd
+from helpers import StepMetrics, constant_lr, flushed, perturb_, quiet_trainer, reference_nll_sum, sample_rows, sgd
 
 from lightning_llm import DPOModule, PreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -32,12 +32,7 @@ def tok():
 @pytest.fixture(scope="module")
 def policy():
     """``tiny-llama`` moved off the preset by seeded noise, so that it differs from a ``tiny-llama`` reference."""
-    model = tiny_model("tiny-llama")
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
+    return perturb_(tiny_model("tiny-llama"), seed=3, scale=0.05)
 
 
 def examples_of(rows, tok, **kwargs):
