@@ -148,7 +148,7 @@ def make_ours_fused_loss(impl: str, rows: int | None, fused_gemm: bool = False) 
 
 def make_ours_bf16_tiles() -> LossFn:
     from lightning_llm.kernels.linear_logprobs import TileConfig, TritonLinearLogProbs, default_token_rows
-    from lightning_llm.ops.transform import LogitTransform
+    from lightning_llm.kernels.logit_transform import LogitTransform
 
     def loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         # The Triton path with logits tiles in the inputs' dtype (as TRL and Liger keep them): half the traffic

@@ -164,7 +164,7 @@ def run_ours(name: str, setup: Setup, device: torch.device) -> dict[str, Any]:
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             clock.start()
-            tokens.append(float(batch["attention_mask"].sum()))
+            tokens.append(float(batch.num_tokens()))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.stop()
@@ -263,7 +263,8 @@ def _in_subprocess(name: str, setup: Setup) -> dict[str, Any]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     base = {r["name"].split("_")[1]: r for r in results if r["name"] in ("trl_sft", "trl_dpo") and "error" not in r}
-    lines = [f"{'candidate':22} {'tokens/s':>10} {'step ms':>9} {'peak GiB':>9} {'vs TRL tok/s':>13} {'vs TRL mem':>11}"]
+    lines = [f"{'candidate':22} {'tokens/s':>10} {'step ms':>9} {'peak GiB':>9} {'vs TRL tok/s':>13} "
+             f"{'vs TRL mem':>11}"]
     for r in results:
         if "error" in r or "skipped" in r:
             lines.append(f"{r['name']:22} {r.get('skipped') or 'error: ' + r['error'].splitlines()[-1][:60]}")

@@ -120,7 +120,7 @@ def _pairs(seed: int, tokenizer: Any = None) -> PreferenceDataModule:
 
 def _questions(datamodule: PreferenceDataModule, limit: int) -> tuple[list[list[dict]], list[str], list[str]]:
     """Prompts, correct and wrong answers of the first ``limit`` training pairs."""
-    rows = datamodule.raw_rows["train_data"][:limit]
+    rows = datamodule.rows("train", limit)
     return ([r["prompt"] for r in rows], [r["chosen"][0]["content"] for r in rows],
             [r["rejected"][0]["content"] for r in rows])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,3 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared datasets and loaded files are cached in a directory of this test process (and of the processes it starts),
+# never in the user's caches.
+_CACHE = tempfile.mkdtemp(prefix="lightning_llm_tests_")
+os.environ.setdefault("LIGHTNING_LLM_CACHE", os.path.join(_CACHE, "lightning_llm"))
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))

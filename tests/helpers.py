@@ -109,3 +109,22 @@ def flushed(module: Any, mode: str = "train") -> dict[str, float]:
     """A module's metrics as they would be logged at an optimizer step (``train``) or validation end (``val``),
     reduced and with the derived ones, without needing a Trainer."""
     return module.reduce_metrics(mode)
+
+
+def as_dict(batch: Any) -> dict[str, torch.Tensor]:
+    """A typed batch as the flat dict of tensors that TRL's collators build: the fields of nested sequence batches
+    at the top level (those of ``kl_sequences`` with a ``kl_`` prefix), ``None`` fields left out."""
+    from dataclasses import fields, is_dataclass
+
+    out: dict[str, torch.Tensor] = {}
+    for field in fields(batch):
+        value = getattr(batch, field.name)
+        if is_dataclass(value):
+            prefix = "kl_" if field.name == "kl_sequences" else ""
+            for inner in fields(value):
+                tensor = getattr(value, inner.name)
+                if isinstance(tensor, torch.Tensor):
+                    out[prefix + inner.name] = tensor
+        elif isinstance(value, torch.Tensor):
+            out[field.name] = value
+    return out

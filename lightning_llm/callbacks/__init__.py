@@ -1,8 +1,7 @@
 """Lightning callbacks: BEMA weight averaging, TR-DPO reference syncing, judge win rates, completion tables, model
 merging and a rich progress display with grouped metrics.
 
-Names are imported lazily (PEP 562), so ``from lightning_llm.callbacks.sync_ref_model import sync_reference`` (as
-the preference modules do) does not import every callback's dependencies.
+Names are imported lazily (PEP 562), so importing one callback does not import every callback's dependencies.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     "linear_merge": "lightning_llm.callbacks.merge_model",
     "merge_state_dicts": "lightning_llm.callbacks.merge_model",
     "slerp": "lightning_llm.callbacks.merge_model",
-    "sync_reference": "lightning_llm.callbacks.sync_ref_model",
+    "sync_reference": "lightning_llm.models.reference",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_llm.callbacks._sharding import clean_name, fsdp1_root, full_state_dict
 from lightning_llm.models.parts import unwrap_model
 from lightning_llm.models.peft import is_peft_model
+from lightning_llm.models.sharding import clean_name, fsdp1_root, full_state_dict
 
 log = logging.getLogger(__name__)
 

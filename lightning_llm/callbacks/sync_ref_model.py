@@ -1,90 +1,16 @@
-"""TR-DPO reference syncing (Gorbatovski et al., 2024, arXiv:2404.09656): the reference policy trails the policy.
-
-Every ``sync_steps`` optimizer steps the reference moves towards the policy,
-``θ_ref ← (1 − α)·θ_ref + α·θ``. ``α = 1`` is a hard update (the reference becomes a copy of the policy).
-"""
+"""TR-DPO reference syncing as a callback, for modules that do not do it themselves (``sync_ref_model=True`` does
+it inside the preference modules); see :mod:`lightning_llm.models.reference`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
-import torch
-from torch import Tensor, nn
 
-from lightning_llm.callbacks._sharding import (
-    fsdp1_root,
-    full_parameters,
-    is_dtensor,
-    local_shard,
-    named_parameters,
-    read_full,
-)
+from lightning_llm.models.reference import ReferenceSync, sync_reference
+from lightning_llm.models.sharding import fsdp1_root
 
-
-def _check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return float(alpha)
-
-
-def _paired_parameters(ref_model: nn.Module, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """``(reference, policy)`` parameter pairs, matched by name; raises unless both have the same parameters."""
-    ref_params = named_parameters(ref_model)
-    policy_params = dict(named_parameters(model))
-    ref_names = [name for name, _ in ref_params]
-    if set(ref_names) != set(policy_params):
-        missing = sorted(set(ref_names) ^ set(policy_params))[:5]
-        raise ValueError(
-            "ref_model and model must have the same parameters (a frozen copy of the policy; a PEFT-wrapped policy "
-            f"has no separate reference); names differing include {missing}"
-        )
-    pairs = []
-    for name, ref_param in ref_params:
-        policy_param = policy_params[name]
-        if ref_param.shape != policy_param.shape:
-            raise ValueError(f"ref_model.{name} has shape {tuple(ref_param.shape)} but model.{name} has shape "
-                             f"{tuple(policy_param.shape)}")
-        pairs.append((ref_param, policy_param))
-    return pairs
-
-
-def _mix(ref_param: Tensor, policy_param: Tensor, alpha: float) -> None:
-    """``ref_param ← (1 − alpha)·ref_param + alpha·policy_param`` in place, on local shards where possible."""
-    if is_dtensor(ref_param):
-        ref_local = ref_param.to_local()
-        same_layout = (is_dtensor(policy_param) and policy_param.device_mesh == ref_param.device_mesh
-                       and policy_param.placements == ref_param.placements)
-        # Identically sharded models mix shard by shard, with no communication.
-        source = policy_param.to_local() if same_layout else local_shard(read_full(policy_param), ref_param)
-    else:
-        ref_local = ref_param.data
-        source = read_full(policy_param)
-    ref_local.mul_(1.0 - alpha).add_(source.to(ref_local.device, ref_local.dtype), alpha=alpha)
-
-
-@torch.no_grad()
-def sync_reference(ref_model: nn.Module, model: nn.Module, alpha: float, *, root: nn.Module | None = None) -> None:
-    """Move ``ref_model`` towards ``model`` in place: ``θ_ref ← (1 − alpha)·θ_ref + alpha·θ`` (TR-DPO).
-
-    Parameters are matched by name (wrapper prefixes ignored). Works on one device and under DDP (every rank mixes
-    its identical replicas), FSDP2 (``DTensor``s: shard by shard when both models are sharded alike, else through the
-    full policy tensor), FSDP1 (full parameters summoned, through ``root`` when given) and DeepSpeed ZeRO-3
-    (parameters gathered). Every rank must call it.
-
-    Args:
-        ref_model: the reference model (updated).
-        model: the policy (read only).
-        alpha: mixing weight of the policy, in [0, 1].
-        root: under Lightning's ``FSDPStrategy``, the FSDP module wrapping both models (``trainer.strategy.model``).
-    """
-    alpha = _check_alpha(alpha)
-    if ref_model is None:
-        raise ValueError("ref_model is None: there is no separate reference model to sync")
-    pairs = _paired_parameters(ref_model, model)
-    with full_parameters([ref_model, model], root=root, writeback=True):
-        for ref_param, policy_param in pairs:
-            _mix(ref_param, policy_param, alpha)
+__all__ = ["SyncRefModelCallback", "sync_reference"]
 
 
 class SyncRefModelCallback(L.Callback):
@@ -101,11 +27,15 @@ class SyncRefModelCallback(L.Callback):
     """
 
     def __init__(self, sync_steps: int = 512, alpha: float = 0.6) -> None:
-        if sync_steps < 1:
-            raise ValueError(f"sync_steps must be >= 1, got {sync_steps}")
-        self.sync_steps = sync_steps
-        self.alpha = _check_alpha(alpha)
-        self._last_step = -1
+        self.schedule = ReferenceSync(sync_steps, alpha)
+
+    @property
+    def sync_steps(self) -> int:
+        return self.schedule.sync_steps
+
+    @property
+    def alpha(self) -> float:
+        return self.schedule.alpha
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "ref_model", None) is None:
@@ -117,9 +47,10 @@ class SyncRefModelCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        # With gradient accumulation this hook runs on every micro-batch; act once per optimizer step.
-        if step == self._last_step or step == 0 or step % self.sync_steps != 0:
-            return
-        self._last_step = step
-        sync_reference(pl_module.ref_model, pl_module.model, self.alpha, root=fsdp1_root(trainer))
+        self.schedule.maybe_sync(trainer.global_step, pl_module.ref_model, pl_module.model, root=fsdp1_root(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state_dict)

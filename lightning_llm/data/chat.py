@@ -10,6 +10,7 @@ mask, so the model learns to stop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Any, Sequence
@@ -36,11 +37,15 @@ FALLBACK_CHAT_TEMPLATE = (
 _GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give ``tokenizer`` the fallback ChatML template when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        log.warning("The tokenizer has no chat template; using lightning_llm's ChatML fallback template.")
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+def with_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` itself when it has a chat template, else a copy with the fallback ChatML template (the
+    tokenizer handed in is never changed)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    log.warning("The tokenizer has no chat template; using lightning_llm's ChatML fallback template.")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
 
 
 def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -5,26 +5,20 @@ prefix is then the prompt). Texts are strings or conversations. Standard complet
 conversational ones end with the template's end-of-turn token. An optional numeric ``margin`` column is carried to
 reward models.
 
-Batches put the chosen sequences first and the rejected ones after them (rows ``i`` and ``B + i`` are one pair), so
-the policy scores both in one forward:
-
-* padded: ``input_ids``, ``attention_mask``, ``completion_mask`` of shape ``[2B, T]``;
-* padding-free: one row ``[1, N]`` of all ``2B`` sequences back to back with ``position_ids`` restarting at each
-  sequence and ``seq_index`` (the sequence each token belongs to); the completion mask is 0 on each sequence's
-  first token, which no token of the same sequence predicts.
-
+Batches (:class:`~lightning_llm.data.batches.PairBatch`) put the chosen sequences first and the rejected ones after
+them (rows ``i`` and ``B + i`` are one pair), so the policy scores both in one forward, padded ``[2B, T]`` or
+padding-free (one row of all ``2B`` sequences; see :func:`~lightning_llm.data.collate.collate_completions`).
 Precomputed reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``, ``[B]``) and ``margin`` ride along.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-import torch
-
-from lightning_llm.data.base import LLMDataModule, PreparationReport
+from lightning_llm.data.base import LLMDataModule, RowNotes
+from lightning_llm.data.batches import PairBatch
 from lightning_llm.data.chat import common_prefix_length, render_ids, text_ids
-from lightning_llm.data.collate import pad_sequences, position_ids_for
+from lightning_llm.data.collate import collate_completions, float_column
 from lightning_llm.data.formats import DataFormat
 
 
@@ -82,6 +76,18 @@ def tokenize_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, tools: lis
     return {"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_full[start:], "rejected_ids": rejected_full[start:]}
 
 
+def present_columns(dataset: Any, columns: Sequence[str]) -> set[str]:
+    """Which of ``columns`` some row of ``dataset`` gives a value for (a stream: its first row)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        first = next(iter(dataset), {})
+        return {column for column in columns if first.get(column) is not None}
+    table = dataset.with_format("arrow")
+    return {column for column in columns
+            if column in dataset.column_names and table[column].null_count < len(dataset)}
+
+
 class PreferenceDataModule(LLMDataModule):
     """Preference pairs, tokenized as prompt / chosen / rejected, batched chosen-first.
 
@@ -93,34 +99,43 @@ class PreferenceDataModule(LLMDataModule):
     Args:
         padding_free: batch all sequences into one row with restarting ``position_ids`` (no padding, no wasted
             compute; attention stays within each sequence).
-        **kwargs: see :class:`~lightning_llm.data.base.LLMDataModule` (train_data, val_data, batch_size, max_length, ...).
+        **kwargs: see :class:`~lightning_llm.data.base.LLMDataModule` (train_data, val_data, batch_size,
+            max_length, ...).
     """
 
     accepted_kinds = ("preference",)
+    #: columns that, once some rows of a split give them, every row of that split must give
+    all_or_none_columns: tuple[str, ...] = ("prompt", "margin")
 
     def __init__(self, train_data: Any = None, val_data: Any = None, *, padding_free: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(train_data, val_data, **kwargs)
         self.padding_free = padding_free
+        self._present: dict[str, set[str]] = {}
 
-    #: columns that, once some rows of a split give them, every row of that split must give
-    all_or_none_columns: tuple[str, ...] = ("prompt", "margin")
+    def example_features(self, columns: Sequence[str], fmt: DataFormat) -> dict[str, Any]:
+        import datasets
 
-    def prepare(self, rows: list[dict], name: str) -> list[dict]:
-        # A row without the prompt (or margin) its neighbours have is an error, not another format: left alone, a
-        # missing prompt would be re-derived as the implicit shared prefix, and a missing margin would break (or
-        # silently drop the margins of) whatever batch it lands in.
-        for column in self.all_or_none_columns:
-            given = [isinstance(row, dict) and row.get(column) is not None for row in rows]
-            if any(given) and not all(given):
-                index = given.index(False)
-                raise ValueError(f"{name}: row {index}, column {column!r}: missing value (other rows give one; give "
-                                 f"every row a {column}, or none)")
-        return super().prepare(rows, name)
+        ids = datasets.Sequence(datasets.Value("int32"))
+        features = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids}
+        if "margin" in columns:
+            features["margin"] = datasets.Value("float64")
+        return features
 
-    def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
+    def preprocess(self, dataset: Any, name: str) -> Any:
+        self._present[name] = present_columns(dataset, self.all_or_none_columns)
+        return dataset
+
+    def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
         tok = self.tokenizer
         name = report.split
+        for column in sorted(self._present.get(name, ())):
+            # A row without the prompt (or margin) its neighbours have is an error, not another format: left alone,
+            # a missing prompt would be re-derived as the implicit shared prefix, and a missing margin would break
+            # (or silently drop the margins of) whatever batch it lands in.
+            if row.get(column) is None:
+                raise ValueError(f"{name}: row {index}, column {column!r}: missing value (other rows give one; give "
+                                 f"every row a {column}, or none)")
         prompt, chosen, rejected = pair_parts(row, name, index)
         if not fmt.conversational:
             chosen = chosen if chosen.endswith(tok.eos_token) else chosen + tok.eos_token
@@ -131,58 +146,22 @@ class PreferenceDataModule(LLMDataModule):
                 raise ValueError(f"{name}: row {index}, column {column!r}: the completion has no token of its own")
         if row.get("margin") is not None:
             example["margin"] = float(row["margin"])
-        if self.max_length is not None:
-            prompt_len = len(example["prompt_ids"])
-            longest = prompt_len + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
-            if longest > self.max_length:
-                if self.on_overflow == "error":
-                    raise ValueError(
-                        f"{name}: row {index}, column 'chosen'/'rejected': {longest} tokens (prompt {prompt_len}) do "
-                        f"not fit max_length={self.max_length}"
-                    )
-                if self.on_overflow == "drop":
-                    report.drop("longer than max_length", index)
-                    return None
-                if self.truncation_mode == "keep_start" and prompt_len >= self.max_length:
-                    report.drop("prompt alone fills max_length", index)
-                    return None
+        prompt_len = len(example["prompt_ids"])
+        longest = prompt_len + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+        if not self.fits(longest, name, index, "chosen'/'rejected", report, prompt_length=prompt_len):
+            return None
         return example
 
-    def _sequences(self, examples: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
-        """Chosen-then-rejected token sequences and completion masks, truncated to ``max_length``."""
+    def collate(self, examples: list[dict]) -> PairBatch:
         ids, masks = [], []
-        for column in ("chosen_ids", "rejected_ids"):
+        for column in ("chosen_ids", "rejected_ids"):  # chosen rows first, then rejected: cut to max_length
             for ex in examples:
-                ids.append(ex["prompt_ids"] + ex[column])
-                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[column]))
-        if self.max_length is not None:
-            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" \
-                else slice(-self.max_length, None)
-            ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
-        return ids, masks
-
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
-        ids, masks = self._sequences(examples)
-        pad_id = self.tokenizer.pad_token_id
-        multiple = self.pad_to_multiple_of
-        if self.padding_free:
-            lengths = [len(s) for s in ids]
-            positions = position_ids_for(lengths)
-            flat_mask = [m if p > 0 else 0 for p, m in zip(positions, (x for mask in masks for x in mask))]
-            batch = {
-                "input_ids": pad_sequences([[t for s in ids for t in s]], pad_id, multiple_of=multiple),
-                "position_ids": pad_sequences([positions], 0, multiple_of=multiple),
-                "completion_mask": pad_sequences([flat_mask], 0, multiple_of=multiple),
-                "seq_index": pad_sequences([[i for i, n in enumerate(lengths) for _ in range(n)]], -1,
-                                           multiple_of=multiple),
-            }
-        else:
-            batch = {
-                "input_ids": pad_sequences(ids, pad_id, multiple_of=multiple),
-                "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, multiple_of=multiple),
-                "completion_mask": pad_sequences(masks, 0, multiple_of=multiple),
-            }
-        for key in ("margin", "ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
-        return batch
+                ids.append(self.cut(ex["prompt_ids"] + ex[column]))
+                masks.append(self.cut([0] * len(ex["prompt_ids"]) + [1] * len(ex[column])))
+        sequences = collate_completions(ids, masks, self.tokenizer.pad_token_id, padding_free=self.padding_free,
+                                        multiple_of=self.pad_to_multiple_of)
+        return PairBatch(
+            sequences=sequences, margin=float_column(examples, "margin"),
+            ref_chosen_logps=float_column(examples, "ref_chosen_logps"),
+            ref_rejected_logps=float_column(examples, "ref_rejected_logps"),
+        )

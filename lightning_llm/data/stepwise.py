@@ -13,10 +13,11 @@ step: is the step correct). Tokenization follows TRL's ``PRMTrainer.tokenize_row
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from lightning_llm.data.base import LLMDataModule, PreparationReport
-from lightning_llm.data.collate import IGNORE_INDEX, pad_sequences
+from lightning_llm.data.base import LLMDataModule, RowNotes
+from lightning_llm.data.batches import IGNORE_INDEX, StepBatch
+from lightning_llm.data.collate import pad_sequences
 from lightning_llm.data.formats import DataFormat
 
 
@@ -71,13 +72,24 @@ class StepwiseDataModule(LLMDataModule):
         self.train_on_last_step_only = train_on_last_step_only
         self.drop_unlabelled = drop_unlabelled
 
+    def preparation_settings(self) -> dict[str, Any]:
+        return {**super().preparation_settings(), "step_separator": self.step_separator,
+                "max_prompt_length": self.max_prompt_length, "max_completion_length": self.max_completion_length,
+                "train_on_last_step_only": self.train_on_last_step_only, "drop_unlabelled": self.drop_unlabelled}
+
+    def example_features(self, columns: Sequence[str], fmt: DataFormat) -> dict[str, Any]:
+        import datasets
+
+        ids = datasets.Sequence(datasets.Value("int32"))
+        return {"input_ids": ids, "labels": ids}
+
     def step_labels(self, labels: list[bool], split: str) -> list[int]:
         """Class of each step (1 correct, 0 incorrect), ``-100`` for steps not trained on in ``split``."""
         if self.train_on_last_step_only and split == "train_data":
             return [IGNORE_INDEX] * (len(labels) - 1) + [int(labels[-1])]
         return [int(label) for label in labels]
 
-    def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
+    def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
         tok = self.tokenizer
         name = report.split
         # One tokenizer call per row: the prompt and each step are still encoded independently, as in TRL.
@@ -103,20 +115,19 @@ class StepwiseDataModule(LLMDataModule):
             completion_labels = completion_labels[: self.max_completion_length]
         ids = prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_labels
-        fitted = self.fit_length(ids, [labels], name, index, "completions", report)
-        if fitted is None:
+        if not self.fits(len(ids), name, index, "completions", report):
             return None
-        ids, (labels,) = fitted
+        ids, labels = self.cut(ids), self.cut(labels)
         if self.drop_unlabelled and all(label == IGNORE_INDEX for label in labels):
             report.drop("no labelled step left after truncation", index)
             return None
         return {"input_ids": ids, "labels": labels}
 
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
+    def collate(self, examples: list[dict]) -> StepBatch:
         multiple_of = self.pad_to_multiple_of
-        return {
-            "input_ids": pad_sequences([ex["input_ids"] for ex in examples], self.tokenizer.pad_token_id,
-                                       multiple_of=multiple_of),
-            "attention_mask": pad_sequences([[1] * len(ex["input_ids"]) for ex in examples], 0, multiple_of=multiple_of),
-            "labels": pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, multiple_of=multiple_of),
-        }
+        return StepBatch(
+            input_ids=pad_sequences([ex["input_ids"] for ex in examples], self.tokenizer.pad_token_id,
+                                    multiple_of=multiple_of),
+            attention_mask=pad_sequences([[1] * len(ex["input_ids"]) for ex in examples], 0, multiple_of=multiple_of),
+            labels=pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, multiple_of=multiple_of),
+        )

@@ -9,21 +9,22 @@ For the KL reference point of KTO each example also gets a *mismatched* completi
 batch's own completions. The pairing is fixed at preparation time, which is what lets reference log-probs of the
 mismatched pairs be precomputed.
 
-Batches: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]``, ``label`` ``[B]`` (bool); with KL pairs,
-``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask``; precomputed ``ref_logps``/``ref_kl_logps`` ``[B]``.
+Batches: :class:`~lightning_llm.data.batches.UnpairedBatch` (padded sequences, ``label``; with KL pairs the
+mismatched sequences; precomputed ``ref_logps``/``ref_kl_logps`` ``[B]``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-import torch
-
-from lightning_llm.data.base import LLMDataModule, PreparationReport
+from lightning_llm.data.base import LLMDataModule, RowNotes
+from lightning_llm.data.batches import UnpairedBatch
 from lightning_llm.data.chat import common_prefix_length, render_ids, text_ids
-from lightning_llm.data.collate import pad_sequences
-from lightning_llm.data.formats import DataFormat
+from lightning_llm.data.collate import collate_completions, float_column
+from lightning_llm.data.formats import DataFormat, detect_format, validate_row
 from lightning_llm.data.preference import pair_parts
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def unpair_rows(rows: list[dict], name: str = "data") -> list[dict]:
@@ -31,13 +32,31 @@ def unpair_rows(rows: list[dict], name: str = "data") -> list[dict]:
 
     A pair that leaves nothing to learn from (identical, or a completion empty once the implicit prompt is taken out)
     raises ``ValueError`` naming the preference row and column, not the unpaired row it would have become."""
-    desirable, undesirable = [], []
-    for index, row in enumerate(rows):
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    sides = [_unpaired_side(rows, list(range(len(rows))), name, side) for side in ("chosen", "rejected")]
+    return [row for side in sides for row in side]
+
+
+def _unpaired_side(rows: list[dict], indices: list[int], name: str, side: str) -> list[dict]:
+    out = []
+    for index, row in zip(indices, rows):
+        extra = {k: v for k, v in row.items() if k not in PAIR_COLUMNS}
         prompt, chosen, rejected = pair_parts(row, name, index)
-        desirable.append({"prompt": prompt, "completion": chosen, "label": True, **extra})
-        undesirable.append({"prompt": prompt, "completion": rejected, "label": False, **extra})
-    return desirable + undesirable
+        completion = chosen if side == "chosen" else rejected
+        out.append({"prompt": prompt, "completion": completion, "label": side == "chosen", **extra})
+    return out
+
+
+def _unpair_batch(batch: dict[str, list], indices: list[int], name: str, side: str, fmt: DataFormat) -> dict:
+    """Batched ``map`` function: one side of each preference row as an unpaired row (validated as a pair first)."""
+    from lightning_llm.data.base import plain_row
+
+    columns = list(batch)
+    rows = [plain_row({column: batch[column][i] for column in columns}) for i in range(len(indices))]
+    if side == "chosen":
+        for row, index in zip(rows, indices):
+            validate_row(row, fmt, name, index)
+    unpaired = _unpaired_side(rows, indices, name, side)
+    return {key: [row.get(key) for row in unpaired] for key in ("prompt", "completion", "label")}
 
 
 class UnpairedPreferenceDataModule(LLMDataModule):
@@ -45,7 +64,8 @@ class UnpairedPreferenceDataModule(LLMDataModule):
 
     Args:
         kl_pairs: add the mismatched (prompt, completion) pairs used to estimate KTO's KL reference point.
-        **kwargs: see :class:`~lightning_llm.data.base.LLMDataModule` (train_data, val_data, batch_size, max_length, ...).
+        **kwargs: see :class:`~lightning_llm.data.base.LLMDataModule` (train_data, val_data, batch_size,
+            max_length, ...).
     """
 
     accepted_kinds = ("unpaired_preference", "preference")
@@ -54,16 +74,35 @@ class UnpairedPreferenceDataModule(LLMDataModule):
         super().__init__(train_data, val_data, **kwargs)
         self.kl_pairs = kl_pairs
 
-    def prepare(self, rows: list[dict], name: str) -> list[dict]:
-        if rows and "chosen" in rows[0] and "rejected" in rows[0]:
-            from lightning_llm.data.formats import detect_format, validate_rows
+    def example_features(self, columns: Sequence[str], fmt: DataFormat) -> dict[str, Any]:
+        import datasets
 
-            columns = set().union(*(row.keys() for row in rows[:100]))
-            validate_rows(rows, detect_format(columns, rows[0]), name)
-            rows = unpair_rows(rows, name)
-        return super().prepare(rows, name)
+        ids = datasets.Sequence(datasets.Value("int32"))
+        return {"prompt_ids": ids, "completion_ids": ids, "label": datasets.Value("bool")}
 
-    def encode(self, row: dict, fmt: DataFormat, index: int, report: PreparationReport) -> dict | None:
+    def preprocess(self, dataset: Any, name: str) -> Any:
+        import datasets
+
+        columns = dataset.column_names or []
+        if not ("chosen" in columns and "rejected" in columns):
+            return dataset
+        if isinstance(dataset, datasets.IterableDataset):
+            raise ValueError(f"{name}: paired preference data is unpaired by putting every chosen completion before "
+                             "every rejected one, which a stream cannot do; stream unpaired rows (prompt, completion, "
+                             "label) instead")
+        from lightning_llm.data.base import plain_row
+
+        fmt = detect_format(columns, plain_row(dataset[0]))
+        drop = [column for column in PAIR_COLUMNS if column in columns]
+        sides = [
+            self.cached_map(dataset, _unpair_batch, step=f"unpair-{side}", batched=True, with_indices=True,
+                            remove_columns=drop, fn_kwargs={"name": name, "side": side, "fmt": fmt},
+                            num_proc=self.num_proc, desc=f"Unpairing {name}")
+            for side in ("chosen", "rejected")
+        ]
+        return datasets.concatenate_datasets(sides)
+
+    def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
         tok = self.tokenizer
         name = report.split
         prompt, completion = row["prompt"], row["completion"]
@@ -78,50 +117,80 @@ class UnpairedPreferenceDataModule(LLMDataModule):
         start = common_prefix_length(prompt_ids, full)
         if start == len(full):
             raise ValueError(f"{name}: row {index}, column 'completion': the completion has no token of its own")
-        example = {"prompt_ids": prompt_ids[:start], "completion_ids": full[start:], "label": bool(row["label"])}
-        if self.max_length is not None and len(full) > self.max_length:
-            if self.on_overflow == "error":
-                raise ValueError(f"{name}: row {index}, column 'completion': {len(full)} tokens do not fit "
-                                 f"max_length={self.max_length}")
-            if self.on_overflow == "drop":
-                report.drop("longer than max_length", index)
-                return None
-            if self.truncation_mode == "keep_start" and start >= self.max_length:
-                report.drop("prompt alone fills max_length", index)
-                return None
-        return example
+        if not self.fits(len(full), name, index, "completion", report, prompt_length=start):
+            return None
+        return {"prompt_ids": prompt_ids[:start], "completion_ids": full[start:], "label": bool(row["label"])}
 
-    def finalize(self, examples: list[dict], split: str) -> list[dict]:
-        if self.kl_pairs:
-            size = self.batch_size if split == "train_data" else self.val_batch_size
-            for start in range(0, len(examples), size):
-                block = examples[start: start + size]
-                rotated = [block[-1]["completion_ids"]] + [ex["completion_ids"] for ex in block[:-1]]
-                for ex, kl_completion in zip(block, rotated):
-                    ex["kl_completion_ids"] = kl_completion
-        return examples
+    def preparation_settings(self) -> dict[str, Any]:
+        return {**super().preparation_settings(), "kl_pairs": self.kl_pairs}
 
-    def _padded(self, prompts: list[list[int]], completions: list[list[int]], prefix: str) -> dict[str, torch.Tensor]:
-        ids = [p + c for p, c in zip(prompts, completions)]
-        masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
-        if self.max_length is not None:
-            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" \
-                else slice(-self.max_length, None)
-            ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
-        multiple = self.pad_to_multiple_of
-        return {
-            f"{prefix}input_ids": pad_sequences(ids, self.tokenizer.pad_token_id, multiple_of=multiple),
-            f"{prefix}attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, multiple_of=multiple),
-            f"{prefix}completion_mask": pad_sequences(masks, 0, multiple_of=multiple),
-        }
+    def finalize_block(self, examples: list[dict], name: str) -> list[dict]:
+        """Each example of a block gets the completion of the example before it (the first gets the last's)."""
+        if not self.kl_pairs:
+            return examples
+        rotated = [examples[-1]["completion_ids"]] + [ex["completion_ids"] for ex in examples[:-1]]
+        return [{**ex, "kl_completion_ids": kl} for ex, kl in zip(examples, rotated)]
 
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
+    def finalize(self, dataset: Any, name: str) -> Any:
+        if not self.kl_pairs:
+            return dataset
+        size = self.batch_size if name == "train_data" else self.val_batch_size
+
+        def rotate(batch: dict[str, list]) -> dict[str, list]:
+            completions = batch["completion_ids"]
+            return {"kl_completion_ids": [completions[-1]] + completions[:-1]}
+
+        return self.cached_map(dataset, rotate, step="kl-pairs", settings=size, batched=True, batch_size=size,
+                               desc=f"Pairing {name}")
+
+    def label_counts(self) -> tuple[int, int] | None:
+        """``(desirable, undesirable)`` training examples, or ``None`` for a stream (not known in advance)."""
+        import pyarrow.compute as pc
+
+        from lightning_llm.data.base import is_stream
+
+        if self.train_dataset is None or is_stream(self.train_dataset):
+            return None
+        desirable = int(pc.sum(self.train_dataset.with_format("arrow")["label"]).as_py() or 0)
+        return desirable, len(self.train_dataset) - desirable
+
+    def prompt_sample(self, per_class: int) -> tuple[list[str], list[bool]]:
+        """Decoded prompts of up to ``per_class`` training examples of each class (desirable first), drawn with the
+        data module's seed, and their labels: what BCO's UDM fits its prompt classifier on."""
+        import numpy as np
+        import torch
+
+        from lightning_llm.data.base import is_stream
+
+        if self.train_dataset is None or is_stream(self.train_dataset):
+            raise ValueError("a prompt sample needs a prepared map-style training set (not a stream)")
+        labels = np.asarray(self.train_dataset.with_format("arrow")["label"].to_numpy(zero_copy_only=False))
+        generator = torch.Generator().manual_seed(self.seed)
+        picked: list[int] = []
+        for wanted in (True, False):
+            pool = np.flatnonzero(labels == wanted)
+            if not len(pool):
+                raise ValueError("UDM needs desirable and undesirable training examples (embedding_func is set)")
+            order = torch.randperm(len(pool), generator=generator)[:per_class].tolist()
+            picked += [int(pool[i]) for i in order]
+        examples = self.train_dataset.__getitems__(picked)
+        return [self.tokenizer.decode(ex["prompt_ids"]) for ex in examples], [bool(ex["label"]) for ex in examples]
+
+    def _sequences(self, prompts: list[list[int]], completions: list[list[int]]):
+        ids = [self.cut(p + c) for p, c in zip(prompts, completions)]
+        masks = [self.cut([0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions)]
+        return collate_completions(ids, masks, self.tokenizer.pad_token_id, multiple_of=self.pad_to_multiple_of)
+
+    def collate(self, examples: list[dict]) -> UnpairedBatch:
+        import torch
+
         prompts = [ex["prompt_ids"] for ex in examples]
-        batch = self._padded(prompts, [ex["completion_ids"] for ex in examples], "")
-        batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
-        if "kl_completion_ids" in examples[0]:
-            batch.update(self._padded(prompts, [ex["kl_completion_ids"] for ex in examples], "kl_"))
-        for key in ("ref_logps", "ref_kl_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
-        return batch
+        kl = None
+        if examples[0].get("kl_completion_ids") is not None:
+            kl = self._sequences(prompts, [ex["kl_completion_ids"] for ex in examples])
+        return UnpairedBatch(
+            sequences=self._sequences(prompts, [ex["completion_ids"] for ex in examples]),
+            label=torch.tensor([ex["label"] for ex in examples], dtype=torch.bool),
+            kl_sequences=kl, ref_logps=float_column(examples, "ref_logps"),
+            ref_kl_logps=float_column(examples, "ref_kl_logps"),
+        )

@@ -107,7 +107,7 @@ class HfPairwiseJudge(BasePairwiseJudge):
             raise ValueError(f"answers must be two different strings, got {answers!r}")
         self.system_prompt = check_pairwise_prompt(system_prompt or DEFAULT_PAIRWISE_SYSTEM_PROMPT)
         self.batch_size = check_batch_size(batch_size)
-        self.tokenizer = load_tokenizer(tokenizer, model, trust_remote_code=trust_remote_code, padding_side="left")
+        self.tokenizer = load_tokenizer(tokenizer, model, trust_remote_code=trust_remote_code)
         loaded = not isinstance(model, PreTrainedModel)
         self.model = load_model(model, task="causal_lm", dtype=dtype, trust_remote_code=trust_remote_code)
         self.device = resolve_device(device, self.model, loaded)

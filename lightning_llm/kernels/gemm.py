@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_llm.kernels.logit_transform import LogitTransform
 from lightning_llm.kernels.logits_grad import logits_grad_block
 from lightning_llm.kernels.softmax_stats import SoftmaxStats, online_stats_update
 from lightning_llm.kernels.transform import transform_logits
-from lightning_llm.ops.transform import LogitTransform
 
 __all__ = ["gemm_softmax_stats", "gemm_logits_grad", "vocab_splits"]
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from lightning_llm.kernels.gemm import gemm_logits_grad, gemm_softmax_stats
+from lightning_llm.kernels.logit_transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 from lightning_llm.kernels.logits_grad import logits_grad_, narrow_view
 from lightning_llm.kernels.softmax_stats import SoftmaxStats, fold_softmax_stats
-from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
 __all__ = ["TileConfig", "TritonLinearLogProbs", "TritonRowScorer", "default_token_rows", "VOCAB_CHUNK", "TILE_BUDGET"]
 

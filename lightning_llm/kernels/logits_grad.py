@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_llm.kernels.logit_transform import LogitTransform
 from lightning_llm.kernels.transform import block_size, load_raw_logits, transform_grad, transform_logits
-from lightning_llm.ops.transform import LogitTransform
 
 __all__ = ["logits_grad_", "logits_grad_block", "logits_grad_reference", "narrow_view"]
 

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_llm.kernels.logit_transform import LogitTransform
 from lightning_llm.kernels.transform import block_size, load_raw_logits, transform_logits
-from lightning_llm.ops.transform import LogitTransform
 
 __all__ = ["SoftmaxStats", "fold_softmax_stats", "fold_softmax_stats_reference"]
 

@@ -1,4 +1,5 @@
-"""Triton device functions for the logit transform of :class:`lightning_llm.ops.transform.LogitTransform`."""
+"""Triton device functions for the logit transform of
+:class:`lightning_llm.kernels.logit_transform.LogitTransform`."""
 
 from __future__ import annotations
 

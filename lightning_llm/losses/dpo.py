@@ -307,24 +307,15 @@ class DPOLossOutput(NamedTuple):
     - ``losses`` ``[B]``: per-pair loss, unreduced; the training loss is ``losses.mean()``. With ``aot`` /
       ``aot_unpaired`` in the mixture the entries follow sorted rank, not pair order.
     - ``chosen_rewards`` ``[B]`` (detached): ``β (log π(y_w) - log π_ref(y_w))`` -> TRL's ``rewards/chosen``.
-    - ``rejected_rewards`` ``[B]`` (detached): likewise -> ``rewards/rejected``.
-
-    ``margins`` -> ``rewards/margins`` and ``accuracies`` -> ``rewards/accuracies`` (means over the gathered batch).
+    - ``rejected_rewards`` ``[B]`` (detached): likewise -> ``rewards/rejected``; TRL's ``rewards/margins`` and
+      ``rewards/accuracies`` derive from the two.
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
 
-    @property
-    def margins(self) -> Tensor:
-        """``chosen_rewards - rejected_rewards``, ``[B]``."""
-        return self.chosen_rewards - self.rejected_rewards
 
-    @property
-    def accuracies(self) -> Tensor:
-        """1.0 where the chosen reward beats the rejected one, else 0.0, ``[B]``."""
-        return (self.chosen_rewards > self.rejected_rewards).float()
 
 
 def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor | None) -> None:

@@ -50,15 +50,7 @@ class ORPOLossOutput(NamedTuple):
     log_odds_chosen: Tensor
     nll_loss: Tensor
 
-    @property
-    def margins(self) -> Tensor:
-        """``chosen_rewards - rejected_rewards`` -> ``rewards/margins``."""
-        return self.chosen_rewards - self.rejected_rewards
 
-    @property
-    def accuracies(self) -> Tensor:
-        """1.0 where the chosen reward beats the rejected one -> ``rewards/accuracies``."""
-        return (self.chosen_rewards > self.rejected_rewards).float()
 
 
 def orpo_loss(

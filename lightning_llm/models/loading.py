@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from lightning_llm.models.presets import is_preset, tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-ModelLike = str | os.PathLike | PreTrainedModel
+#: the architecture of a model object, as plain data: ``{"config": model.config.to_dict()}`` (see :func:`model_spec`)
+ModelSpec = dict
+ModelLike = str | os.PathLike | PreTrainedModel | ModelSpec
 TokenizerLike = str | os.PathLike | PreTrainedTokenizerBase
 
 _AUTO_CLASSES = {
@@ -59,7 +62,32 @@ def model_name(model: ModelLike) -> str:
     """A printable name for ``model``: the id/path it came from, or its class name."""
     if isinstance(model, PreTrainedModel):
         return getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if isinstance(model, dict):
+        return f"a {model.get('config', {}).get('model_type', 'model')} rebuilt from its config"
     return str(model)
+
+
+def model_spec(model: PreTrainedModel) -> ModelSpec:
+    """What rebuilds ``model``'s architecture (with fresh weights): ``{"config": its config as a dict}``.
+
+    A module built from a model object stores this in its hyperparameters; ``load_from_checkpoint`` then rebuilds the
+    architecture and loads the trained weights from the checkpoint.
+    """
+    return {"config": model.config.to_dict()}
+
+
+def _from_spec(spec: ModelSpec, task: str, dtype: torch.dtype | None, num_labels: int | None) -> PreTrainedModel:
+    from transformers import AutoConfig
+
+    if not isinstance(spec.get("config"), dict) or "model_type" not in spec["config"]:
+        raise ValueError("a model given as a dict must be a model spec {'config': {... 'model_type': ...}} (what "
+                         "lightning_llm.models.model_spec writes into checkpoints)")
+    fields = dict(spec["config"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    model = auto_class(task).from_config(config)
+    return model.to(dtype) if dtype is not None else model
 
 
 def load_model(
@@ -99,6 +127,8 @@ def load_model(
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
         return model
+    if isinstance(model, dict):
+        return _from_spec(model, task, torch_dtype if isinstance(torch_dtype, torch.dtype) else None, num_labels)
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a hub id, a local path, a preset name or a PreTrainedModel, got {type(model)}")
     name = str(model)
@@ -126,17 +156,21 @@ def load_tokenizer(
     trust_remote_code: bool = False,
     revision: str | None = None,
     chat_template: str | None = None,
-    padding_side: str = "right",
 ) -> PreTrainedTokenizerBase:
     """Return a tokenizer: ``tokenizer`` itself, or loaded from it, or (when ``None``) the one of ``model``.
 
     A tokenizer without a pad token gets its EOS token as pad (the TRL convention). ``chat_template`` (a Jinja string
-    or a path to a ``.jinja`` file) replaces the tokenizer's own template.
+    or a path to a ``.jinja`` file) replaces the tokenizer's own template. A tokenizer object handed in is never
+    changed: when it needs either, a copy is returned.
     """
     source = tokenizer if tokenizer is not None else model
     if source is None:
         raise ValueError("Pass a tokenizer, or a model to take the tokenizer from.")
-    if isinstance(source, PreTrainedTokenizerBase):
+    handed = isinstance(source, PreTrainedTokenizerBase)
+    if isinstance(source, dict):
+        raise ValueError("The model is rebuilt from its config (it was given as an object) and its tokenizer has no "
+                         "name to load it from; pass `tokenizer=` explicitly.")
+    if handed:
         tok = source
     elif isinstance(source, PreTrainedModel):
         name = getattr(source.config, "_name_or_path", "")
@@ -154,14 +188,20 @@ def load_tokenizer(
             tok = _declared_tokenizers_backend(name, kwargs)
             if tok is None:
                 tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set one of them.")
-        tok.pad_token = tok.eos_token
+    template = None
     if chat_template is not None:
         path = Path(chat_template)
-        tok.chat_template = path.read_text() if path.suffix == ".jinja" and path.is_file() else chat_template
-    tok.padding_side = padding_side
+        template = path.read_text() if path.suffix == ".jinja" and path.is_file() else chat_template
+    needs_pad = tok.pad_token is None
+    needs_template = template is not None and tok.chat_template != template
+    if needs_pad and tok.eos_token is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set one of them.")
+    if handed and (needs_pad or needs_template):
+        tok = copy.deepcopy(tok)
+    if needs_pad:
+        tok.pad_token = tok.eos_token
+    if needs_template:
+        tok.chat_template = template
     return tok
 
 

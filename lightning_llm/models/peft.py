@@ -39,6 +39,18 @@ def to_peft_config(peft_config: Any, task_type: str = "CAUSAL_LM"):
     return LoraConfig(**config)
 
 
+def peft_config_dict(peft_config: Any) -> dict[str, Any]:
+    """The fields of a ``peft.PeftConfig`` as plain data (what hyperparameters and YAML hold); ``to_peft_config``
+    turns them back into the config."""
+    import json
+
+    if isinstance(peft_config, dict):
+        return dict(peft_config)
+    fields = peft_config.to_dict()
+    return json.loads(json.dumps(fields, default=lambda value: sorted(value) if isinstance(value, (set, frozenset))
+                                 else str(value)))
+
+
 def apply_peft(model: nn.Module, peft_config: Any, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` with fresh adapters from ``peft_config``; only the adapter weights stay trainable."""
     from peft import get_peft_model

@@ -22,19 +22,21 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_llm.data.chat import conversation_text, ensure_chat_template
-from lightning_llm.models.loading import load_model, load_tokenizer, model_name
+from lightning_llm.data.batches import IGNORE_INDEX, Batch
+from lightning_llm.data.chat import conversation_text, with_chat_template
+from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, model_name, model_spec
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
-from lightning_llm.models.peft import apply_peft, is_peft_model
+from lightning_llm.models.peft import apply_peft, is_peft_model, peft_config_dict
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
 from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
 from lightning_llm.ops.token_loss import TokenLossFn
+from lightning_llm.utils.model import disable_dropout_in_model
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-#: what ``model=`` accepts: a hub id, a local directory, a tiny preset name, or a model object
-ModelArg = Union[str, PreTrainedModel]
+#: what ``model=`` accepts: a hub id, a local directory, a tiny preset name, or a model object (and, in checkpoints
+#: of a module built from a model object, the :func:`~lightning_llm.models.loading.model_spec` that rebuilds it)
+ModelArg = Union[str, PreTrainedModel, ModelSpec]
 #: what ``tokenizer=`` accepts: an id/path, a tokenizer object, or None for the model's own
 TokenizerArg = Union[str, PreTrainedTokenizerBase, None]
 LOGPROB_IMPLS = ("auto", "triton", "chunked", "eager")
@@ -135,12 +137,33 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def pass_typed_batches(precision_plugin: Any) -> None:
+    """Let the typed batches through ``precision_plugin.convert_input`` unchanged.
+
+    Lightning's FSDP, DeepSpeed and true-half precision plugins rebuild every batch to cast its float tensors
+    (DeepSpeed to bf16 even under ``bf16-mixed``), which a frozen dataclass cannot be, and which would round the
+    precomputed fp32 reference log-probs a batch carries. The batches hold integer ids and masks plus values that must
+    stay fp32, so the model's autocast or dtype sees them as they are. Other batches are converted as before.
+    """
+    convert = precision_plugin.convert_input
+    if getattr(convert, "passes_typed_batches", False):
+        return
+
+    def convert_input(data: Any) -> Any:
+        return data if isinstance(data, Batch) else convert(data)
+
+    convert_input.passes_typed_batches = True  # type: ignore[attr-defined]
+    precision_plugin.convert_input = convert_input
+
+
 class LLMModule(L.LightningModule):
     """Base LightningModule for LLM post-training.
 
     Args:
         model: hub id, local ``save_pretrained`` directory, tiny offline preset (``tiny-llama``, ``tiny-qwen2``,
-            ``tiny-gpt2``) or a ``PreTrainedModel``.
+            ``tiny-gpt2``) or a ``PreTrainedModel``. A module built from a model object saves the object's
+            architecture in its hyperparameters, so ``load_from_checkpoint`` rebuilds it and loads the trained
+            weights.
         tokenizer: tokenizer or its id/path; default: the model's.
         dtype: dtype of the loaded weights (``float32`` by default, right for mixed precision; ``bfloat16``, ``auto``).
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...
@@ -161,6 +184,8 @@ class LLMModule(L.LightningModule):
         logprob_impl: token log-prob implementation: ``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``,
             ``chunked`` or ``eager`` (full logits; for debugging).
         chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
+        disable_dropout: set every dropout probability of the model to zero (what TRL does by default for preference,
+            reward and process reward training; off for SFT, as in TRL).
         export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``.
         merge_adapters: with PEFT, merge the adapters into the exported model (else export the adapters only).
         average_tokens_across_steps: for token-mean losses (SFT, PRM): normalise by the loss tokens of the whole
@@ -171,7 +196,7 @@ class LLMModule(L.LightningModule):
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         dtype: str | None = None,
@@ -190,6 +215,7 @@ class LLMModule(L.LightningModule):
         logprob_impl: str = "auto",
         logprob_tiles: dict[str, Any] | None = None,
         chat_template: str | None = None,
+        disable_dropout: bool = False,
         export_dir: str | None = None,
         merge_adapters: bool = True,
         average_tokens_across_steps: bool = True,
@@ -201,15 +227,12 @@ class LLMModule(L.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-        if not isinstance(model, (str, os.PathLike, PreTrainedModel)):
+        if not isinstance(model, (str, os.PathLike, PreTrainedModel, dict)):
             raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
         with warnings.catch_warnings():
-            # Lightning warns about model objects among the arguments; they are dropped right below.
+            # Lightning warns about model objects among the arguments; they are replaced right below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        # Objects (models, tokenizers, callables) would be pickled into every checkpoint; keep plain values only.
-        for name in [k for k, v in self.hparams.items() if not _is_plain(v)]:
-            del self.hparams[name]
         # Kept out of the submodule registry: a model object is the policy itself (``self.model``), not a second child.
         object.__setattr__(self, "model_source", model)
         self.model_load_kwargs = dict(
@@ -230,16 +253,32 @@ class LLMModule(L.LightningModule):
         self.merge_adapters = merge_adapters
         self.average_tokens_across_steps = average_tokens_across_steps
         self._step_loss_tokens: Tensor | float = 0.0
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
+        self.tokenizer: PreTrainedTokenizerBase = with_chat_template(load_tokenizer(
             tokenizer, model if tokenizer is None else None, trust_remote_code=trust_remote_code, revision=revision,
             chat_template=chat_template,
-        )
-        ensure_chat_template(self.tokenizer)
+        ))
+        self.disable_dropout = disable_dropout
+        self._plain_hyperparameters(model, peft_config)
         self.model: nn.Module | None = None
         if isinstance(model, PreTrainedModel):
             self.model = self._prepare_policy(load_model(model, dtype=dtype))
         self._metrics = {"train": MetricBuffer(), "val": MetricBuffer()}
         self.num_tokens_seen = 0.0
+
+    def _plain_hyperparameters(self, model: ModelArg, peft_config: Any) -> None:
+        """Keep only plain values in the hyperparameters (objects would be pickled into every checkpoint): a model
+        object becomes the spec that rebuilds its architecture, a PEFT config its fields, a tokenizer object the
+        name it was loaded from."""
+        hparams = self.hparams
+        if isinstance(model, PreTrainedModel):
+            hparams["model"] = model_spec(model)
+        if peft_config is not None and not isinstance(peft_config, dict):
+            hparams["peft_config"] = peft_config_dict(peft_config)
+        if not _is_plain(hparams.get("tokenizer")) or (hparams.get("tokenizer") is None
+                                                         and isinstance(model, PreTrainedModel)):
+            hparams["tokenizer"] = getattr(self.tokenizer, "name_or_path", None) or None
+        for name in [k for k, v in hparams.items() if not _is_plain(v)]:
+            del hparams[name]
 
     # ------------------------------------------------------------------------------------------------- the model
     @property
@@ -263,6 +302,8 @@ class LLMModule(L.LightningModule):
             task_type = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
                          "token_classification": "TOKEN_CLS"}[self.model_task]
             model = apply_peft(model, self.peft_config, task_type=task_type)
+        if self.disable_dropout:
+            disable_dropout_in_model(model)
         return model
 
     def configure_model(self) -> None:
@@ -395,18 +436,11 @@ class LLMModule(L.LightningModule):
         """Metrics computed from other metrics once they are reduced over micro-batches and processes."""
         return values
 
-    def count_input_tokens(self, batch: dict[str, Tensor]) -> None:
-        """Add ``batch``'s input tokens to ``num_tokens``, TRL's running count of the tokens every rank has seen."""
+    def count_input_tokens(self, batch: Batch) -> None:
+        """Add ``batch``'s input tokens (padding excluded) to ``num_tokens``, TRL's running count of the tokens every
+        rank has seen."""
         if self.training:
-            self._metrics["train"].add_sum("num_tokens", self.count_tokens(batch))
-
-    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor:
-        """Tokens fed to the model in ``batch`` (attention-mask ones, or the real tokens of a padding-free row)."""
-        if "attention_mask" in batch:
-            return batch["attention_mask"].sum()
-        if "seq_index" in batch:
-            return (batch["seq_index"] >= 0).sum()
-        return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
+            self._metrics["train"].add_sum("num_tokens", batch.num_tokens())
 
     def _reduce_sum(self, tensor: Tensor) -> Tensor:
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -470,6 +504,9 @@ class LLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.flush_metrics("val")
 
+    def setup(self, stage: str) -> None:
+        pass_typed_batches(self.trainer.precision_plugin)
+
     def on_train_start(self) -> None:
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train with dropout as TRL does
         self.model.train()
@@ -492,7 +529,11 @@ class LLMModule(L.LightningModule):
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
-            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+            if total == float("inf"):
+                raise ValueError("The training data has no length (a stream), so the learning-rate schedule has no "
+                                 "end: set Trainer(max_steps=...)")
+            total = int(total)
             warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
             scheduler = cosine_with_warmup(optimizer, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -524,14 +565,13 @@ class LLMModule(L.LightningModule):
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
         synced_gpus = self._trainer is not None and self.trainer.world_size > 1 and strategy in (
             "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-        side = tok.padding_side
-        tok.padding_side = "left"
         outputs: list[str] = []
         try:
             device = next(model.parameters()).device
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start: start + batch_size]
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=False).to(device)
                 generated = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
@@ -540,7 +580,6 @@ class LLMModule(L.LightningModule):
                 new_tokens = generated[:, enc["input_ids"].shape[1]:]
                 outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
         finally:
-            tok.padding_side = side
             model.train(was_training)
         return outputs
 

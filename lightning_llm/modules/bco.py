@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_llm.data.batches import UnpairedBatch
 from lightning_llm.losses.bco import bco_loss, bco_rewards, bco_udm_weights
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
@@ -82,7 +83,7 @@ class BCOModule(PreferenceModule):
 
     reference_keys = ("ref_logps",)
 
-    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *,
+    def __init__(self, model: ModelArg, tokenizer: TokenizerArg = None, *,
                  embedding_func: EmbeddingFunc | None = None, prompt_sample_size: int = 1024,
                  min_density_ratio: float = 0.5, max_density_ratio: float = 10.0, learning_rate: float = 5e-7,
                  **kwargs: Any) -> None:
@@ -97,12 +98,13 @@ class BCOModule(PreferenceModule):
         self.running = RunningMoments()
         self.prompt_classifier: Callable[[Tensor], Tensor] | None = None
 
-    def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch))}
+    def reference_values(self, batch: UnpairedBatch) -> dict[str, Tensor]:
+        return {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch.sequences))}
 
-    def _prompt_texts(self, batch: dict[str, Tensor]) -> list[str]:
+    def _prompt_texts(self, batch: UnpairedBatch) -> list[str]:
+        sequences = batch.sequences
         prompts = []
-        for ids, mask, completion in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
+        for ids, mask, completion in zip(sequences.input_ids, sequences.attention_mask, sequences.completion_mask):
             prompts.append(self.tokenizer.decode(ids[mask.bool() & ~completion.bool()], skip_special_tokens=False))
         return prompts
 
@@ -110,25 +112,19 @@ class BCOModule(PreferenceModule):
         super().on_fit_start()
         if self.embedding_func is None or self.prompt_classifier is not None:
             return
-        datamodule = self.trainer.datamodule
-        examples = datamodule.train_dataset.examples
-        generator = torch.Generator().manual_seed(datamodule.seed)
-        picked: list[dict] = []
-        for wanted in (True, False):
-            pool = [ex for ex in examples if ex["label"] == wanted]
-            if not pool:
-                raise ValueError("UDM needs desirable and undesirable training examples (embedding_func is set)")
-            order = torch.randperm(len(pool), generator=generator)[: self.prompt_sample_size].tolist()
-            picked += [pool[i] for i in order]
-        texts = [self.tokenizer.decode(ex["prompt_ids"]) for ex in picked]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "prompt_sample"):
+            raise ValueError("UDM (embedding_func) samples training prompts of both classes from the data module: use "
+                             "an UnpairedPreferenceDataModule")
+        texts, labels = datamodule.prompt_sample(self.prompt_sample_size)
         embeddings = self.embedding_func(texts)
-        labels = torch.tensor([ex["label"] for ex in picked], dtype=torch.float32)
-        self.prompt_classifier = fit_prompt_classifier(torch.as_tensor(embeddings), labels)
+        self.prompt_classifier = fit_prompt_classifier(torch.as_tensor(embeddings),
+                                                       torch.tensor(labels, dtype=torch.float32))
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        policy = self.completion_logps(self.model, batch, return_entropy=True, return_mean_logits=True)
+    def compute_loss(self, batch: UnpairedBatch) -> Tensor:
+        policy = self.completion_logps(self.model, batch.sequences, return_entropy=True, return_mean_logits=True)
         policy_logps = self.reduce_logps(policy)
-        ref_logps = batch["ref_logps"] if "ref_logps" in batch else self.reference_values(batch)["ref_logps"]
+        ref_logps = batch.ref_logps if batch.ref_logps is not None else self.reference_values(batch)["ref_logps"]
         if self.training:
             self.running.update(bco_rewards(policy_logps.detach(), ref_logps, beta=self.beta))
         delta = torch.tensor(self.running.mean, device=policy_logps.device)
@@ -137,9 +133,9 @@ class BCOModule(PreferenceModule):
             embeddings = torch.as_tensor(self.embedding_func(self._prompt_texts(batch)))
             prob = self.prompt_classifier(embeddings).to(policy_logps.device)
             weights = bco_udm_weights(prob, self.min_density_ratio, self.max_density_ratio)
-        out = bco_loss(policy_logps, ref_logps, batch["label"], delta, beta=self.beta, udm_weights=weights)
+        out = bco_loss(policy_logps, ref_logps, batch.label, delta, beta=self.beta, udm_weights=weights)
         self.record("delta", out.delta)
-        self.record_unpaired_metrics(policy, batch["label"], out.chosen_rewards, out.rejected_rewards)
+        self.record_unpaired_metrics(policy, batch.label, out.chosen_rewards, out.rejected_rewards)
         return out.losses.mean()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_llm.data.batches import PairBatch
 from lightning_llm.losses.cpo import CPO_AVERAGE_LOGPS_LOSS_TYPES, CPO_LOSSES, cpo_loss
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
@@ -35,7 +36,7 @@ class CPOModule(PreferenceModule):
 
     uses_reference = False
 
-    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, beta: float = 0.1,
+    def __init__(self, model: ModelArg, tokenizer: TokenizerArg = None, *, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
                  alpha: float = 0.0, cpo_alpha: float = 1.0, learning_rate: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, beta=beta, learning_rate=learning_rate, **kwargs)
@@ -51,8 +52,8 @@ class CPOModule(PreferenceModule):
         self.alpha = alpha
         self.cpo_alpha = cpo_alpha
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        policy = self.completion_logps(self.model, batch, return_entropy=True, return_is_top1=True,
+    def compute_loss(self, batch: PairBatch) -> Tensor:
+        policy = self.completion_logps(self.model, batch.sequences, return_entropy=True, return_is_top1=True,
                                        return_mean_logits=True)
         sequence = policy.means if self.loss_type in CPO_AVERAGE_LOGPS_LOSS_TYPES else policy.sums
         chosen_logps, rejected_logps = sequence.chunk(2)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_llm.data.batches import PairBatch
 from lightning_llm.losses.dpo import check_dpo_arguments, dpo_loss, dpo_sft_loss, ld_dpo_logps, wpo_weights
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import CompletionLogps, PreferenceModule
@@ -41,7 +42,7 @@ class DPOModule(PreferenceModule):
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         loss_type: str | Sequence[str] = "sigmoid",
@@ -79,9 +80,9 @@ class DPOModule(PreferenceModule):
             return logps.sums
         return ld_dpo_logps(logps.token_logps, logps.mask, self.ld_alpha)
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def compute_loss(self, batch: PairBatch) -> Tensor:
         policy = self.completion_logps(
-            self.model, batch, return_entropy=True, return_is_top1=True, return_mean_logits=True,
+            self.model, batch.sequences, return_entropy=True, return_is_top1=True, return_mean_logits=True,
             return_log_sum_sq_probs=self.use_weighting,
         )
         chosen_logps, rejected_logps = self.reduce_logps(policy).chunk(2)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_llm.data.batches import UnpairedBatch
 from lightning_llm.losses.kto import KTO_LOSSES, kto_kl_estimate, kto_loss, kto_weight_ranges
 from lightning_llm.modules.base import ModelArg, TokenizerArg
-from lightning_llm.modules.preference import PreferenceModule, kl_batch
+from lightning_llm.modules.preference import PreferenceModule
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class KTOModule(PreferenceModule):
             precompute_ref_log_probs, ...) and the :class:`~lightning_llm.modules.base.LLMModule` ones.
     """
 
-    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, loss_type: str = "kto",
+    def __init__(self, model: ModelArg, tokenizer: TokenizerArg = None, *, loss_type: str = "kto",
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, learning_rate: float = 1e-6,
                  **kwargs: Any) -> None:
         super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
@@ -57,16 +58,16 @@ class KTOModule(PreferenceModule):
     def reference_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("ref_logps", "ref_kl_logps") if self.calculate_kl else ("ref_logps",)
 
-    def _check_kl_pairs(self, batch: dict[str, Tensor]) -> None:
-        if self.calculate_kl and "kl_input_ids" not in batch:
+    def _check_kl_pairs(self, batch: UnpairedBatch) -> None:
+        if self.calculate_kl and batch.kl_sequences is None:
             raise ValueError("loss_type='kto' needs the mismatched (prompt, completion) pairs of its KL term: use "
                              "UnpairedPreferenceDataModule(kl_pairs=True) (or loss_type='apo_zero_unpaired')")
 
-    def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def reference_values(self, batch: UnpairedBatch) -> dict[str, Tensor]:
         self._check_kl_pairs(batch)
-        values = {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch))}
+        values = {"ref_logps": self.reduce_logps(self.reference_completion_logps(batch.sequences))}
         if self.calculate_kl:
-            values["ref_kl_logps"] = self.reduce_logps(self.reference_completion_logps(kl_batch(batch)))
+            values["ref_kl_logps"] = self.reduce_logps(self.reference_completion_logps(batch.kl_sequences))
         return values
 
     def on_fit_start(self) -> None:
@@ -76,11 +77,10 @@ class KTOModule(PreferenceModule):
             raise ValueError("loss_type='kto' estimates its KL reference point on the other examples of each batch; "
                              "use batch_size > 1 (or loss_type='apo_zero_unpaired')")
         super().on_fit_start()
-        dataset = getattr(datamodule, "train_dataset", None)
-        if dataset is None or not len(dataset) or "label" not in dataset[0]:
+        counts = datamodule.label_counts() if hasattr(datamodule, "label_counts") else None
+        if counts is None:
             return
-        num_desirable = sum(1 for ex in dataset.examples if ex["label"])
-        num_undesirable = len(dataset) - num_desirable
+        num_desirable, num_undesirable = counts
         if num_desirable and num_undesirable and num_desirable != num_undesirable:
             ranges = kto_weight_ranges(num_desirable, num_undesirable, self.desirable_weight, self.undesirable_weight)
             if not ranges.contains(self.desirable_weight, self.undesirable_weight):
@@ -94,18 +94,22 @@ class KTOModule(PreferenceModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         return self._reduce_sum(value.detach().float()) / world
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def compute_loss(self, batch: UnpairedBatch) -> Tensor:
         self._check_kl_pairs(batch)
-        policy = self.completion_logps(self.model, batch, return_entropy=True, return_mean_logits=True)
+        policy = self.completion_logps(self.model, batch.sequences, return_entropy=True, return_mean_logits=True)
         policy_logps = self.reduce_logps(policy)
-        ref = batch if all(k in batch for k in self.reference_keys) else self.reference_values(batch)
+        precomputed = batch.ref_logps is not None and (batch.ref_kl_logps is not None or not self.calculate_kl)
+        ref_logps, ref_kl_logps = batch.ref_logps, batch.ref_kl_logps
+        if not precomputed:
+            values = self.reference_values(batch)
+            ref_logps, ref_kl_logps = values["ref_logps"], values.get("ref_kl_logps")
         kl = None
         if self.calculate_kl:
             with torch.no_grad():
-                policy_kl = self.reduce_logps(self.completion_logps(self.model, kl_batch(batch)))
-            kl = self._mean_over_processes(kto_kl_estimate(policy_kl, ref["ref_kl_logps"]))
-        out = kto_loss(policy_logps, ref["ref_logps"], batch["label"], kl, beta=self.beta, loss_type=self.loss_type,
+                policy_kl = self.reduce_logps(self.completion_logps(self.model, batch.kl_sequences))
+            kl = self._mean_over_processes(kto_kl_estimate(policy_kl, ref_kl_logps))
+        out = kto_loss(policy_logps, ref_logps, batch.label, kl, beta=self.beta, loss_type=self.loss_type,
                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         self.record("kl", out.kl)
-        self.record_unpaired_metrics(policy, batch["label"], out.chosen_rewards, out.rejected_rewards)
+        self.record_unpaired_metrics(policy, batch.label, out.chosen_rewards, out.rejected_rewards)
         return out.losses.nanmean()

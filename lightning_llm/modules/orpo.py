@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_llm.data.batches import PairBatch
 from lightning_llm.losses.orpo import orpo_loss
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.preference import PreferenceModule
@@ -31,13 +32,13 @@ class ORPOModule(PreferenceModule):
 
     uses_reference = False
 
-    def __init__(self, model: ModelArg = "tiny-llama", tokenizer: TokenizerArg = None, *, beta: float = 0.1,
+    def __init__(self, model: ModelArg, tokenizer: TokenizerArg = None, *, beta: float = 0.1,
                  nll_on_prompt: bool = True, learning_rate: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, beta=beta, learning_rate=learning_rate, **kwargs)
         self.nll_on_prompt = nll_on_prompt
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        policy = self.completion_logps(self.model, batch, return_entropy=True, return_is_top1=True,
+    def compute_loss(self, batch: PairBatch) -> Tensor:
+        policy = self.completion_logps(self.model, batch.sequences, return_entropy=True, return_is_top1=True,
                                        return_mean_logits=True, score_chosen_prompts=self.nll_on_prompt)
         chosen_avg, rejected_avg = policy.means.chunk(2)
         chosen_scored = policy.scored.chunk(2)[0]

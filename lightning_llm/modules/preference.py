@@ -2,11 +2,12 @@
 
 * The reference model: a frozen copy of the policy loaded once (eval mode, dropout off, no gradient, never in the
   optimizer, left out of checkpoints); under PEFT the policy itself with its adapters disabled (no second copy);
-  or log-probs precomputed once before training and stored with the dataset (``precompute_ref_log_probs``), after
-  which the copy is released; or nothing at all for reference-free losses.
+  or log-probs precomputed once before training by the data module (``precompute_ref_log_probs``: the module hands it
+  :meth:`PreferenceModule.reference_values` to score with), after which the copy is released; or nothing at all for
+  reference-free losses, which refuse every reference argument.
 * Completion log-probs of every sequence of a batch in one policy forward (chosen and rejected concatenated, or packed
   padding-free) and one ``no_grad`` reference forward, through the one log-prob path.
-* TR-DPO reference syncing (``sync_ref_model``) through :class:`~lightning_llm.callbacks.SyncRefModelCallback`.
+* TR-DPO reference syncing (``sync_ref_model``) with :class:`~lightning_llm.models.reference.ReferenceSync`.
 
 Subclasses implement :meth:`PreferenceModule.compute_loss` with a loss from :mod:`lightning_llm.losses`.
 """
@@ -15,15 +16,21 @@ from __future__ import annotations
 
 import abc
 import copy
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_llm.models.loading import load_model
+from lightning_llm.data.batches import Batch, CompletionBatch, PairBatch
+from lightning_llm.models.loading import load_model, model_spec
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
+from lightning_llm.models.reference import ReferenceSync
+from lightning_llm.models.sharding import fsdp1_root
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 from lightning_llm.ops import TokenLogProbs
 from lightning_llm.utils.model import disable_dropout_in_model
@@ -31,6 +38,9 @@ from lightning_llm.utils.model import disable_dropout_in_model
 log = logging.getLogger(__name__)
 
 REF_PREFIX = "ref_model."
+#: the reference arguments, with their "no reference" values: what a reference-free module refuses
+REFERENCE_ARGUMENTS = {"ref_model": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None,
+                       "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512}
 
 
 @dataclass
@@ -67,20 +77,38 @@ class CompletionLogps:
         return self.sums / self.lengths.clamp(min=1)
 
 
-def unflatten_tokens(values: Tensor, batch: dict[str, Tensor], num_sequences: int) -> Tensor:
+def unflatten_tokens(values: Tensor, sequences: CompletionBatch) -> Tensor:
     """Scatter padding-free per-target values ``[1, N-1]`` into a ``[R, L]`` per-sequence layout.
 
     The value at flat position ``p`` scores token ``p + 1``, which is token ``position_ids[p + 1]`` of sequence
     ``seq_index[p + 1]``; it lands in column ``position_ids[p + 1] - 1`` of that row (as in the padded layout).
     Sequence starts (position 0) score nothing and are skipped.
     """
-    seq = batch["seq_index"][0, 1:]  # [N-1]
-    pos = batch["position_ids"][0, 1:]
+    seq = sequences.seq_index[0, 1:]  # [N-1]
+    pos = sequences.position_ids[0, 1:]
     keep = (seq >= 0) & (pos > 0)
     width = int(pos.max().item()) if keep.any() else 1
-    out = values.new_zeros((num_sequences, width))
+    out = values.new_zeros((sequences.num_sequences, width))
     out[seq[keep], pos[keep] - 1] = values[0][keep]
     return out
+
+
+def model_identity(source: Any, model: nn.Module | None) -> Any:
+    """What a model's scores depend on, for caching them: a directory by its files (names, sizes, modification
+    times), a preset or hub id by its name, an object by a digest of its weights."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+            return ["directory", str(path.resolve()), files]
+        return ["name", str(source)]
+    if model is None:
+        raise ValueError("a model given as an object needs its weights to be identified")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return ["weights", digest.hexdigest()]
 
 
 class PreferenceModule(LLMModule, abc.ABC):
@@ -92,22 +120,25 @@ class PreferenceModule(LLMModule, abc.ABC):
         beta: temperature of the implicit reward ``β log(π/π_ref)`` (or the algorithm's own β).
         ref_model: reference model (hub id, path, preset or model object); default: a frozen copy of the initial
             policy (under PEFT: the policy with adapters disabled).
-        precompute_ref_log_probs: compute the reference log-probs of the whole dataset once before training and
-            free the reference model.
+        precompute_ref_log_probs: let the data module compute the reference log-probs of the whole dataset once
+            before training (sharded across processes, cached on disk), and free the reference model.
         precompute_ref_batch_size: batch size of that pass (default: the data module's).
         sync_ref_model: TR-DPO: mix the policy into the reference every ``ref_model_sync_steps`` steps.
         ref_model_mixup_alpha: ``α`` of ``θ_ref ← (1 - α) θ_ref + α θ``.
         ref_model_sync_steps: steps between two syncs.
-        disable_dropout: turn dropout off in the policy and reference (TRL's default for preference training).
+        disable_dropout: turn dropout off in the policy (TRL's default for preference training; the reference never
+            has dropout).
         **kwargs: the other :class:`~lightning_llm.modules.base.LLMModule` arguments.
     """
 
     #: whether the algorithm needs reference log-probs (ORPO and CPO do not)
     uses_reference: bool = True
+    #: batch attributes / dataset columns holding precomputed reference log-probs
+    reference_keys: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         beta: float = 0.1,
@@ -120,7 +151,15 @@ class PreferenceModule(LLMModule, abc.ABC):
         disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, **kwargs)
+        super().__init__(model, tokenizer, disable_dropout=disable_dropout, **kwargs)
+        if not self.uses_reference:
+            given = dict(ref_model=ref_model, precompute_ref_log_probs=precompute_ref_log_probs,
+                         precompute_ref_batch_size=precompute_ref_batch_size, sync_ref_model=sync_ref_model,
+                         ref_model_mixup_alpha=ref_model_mixup_alpha, ref_model_sync_steps=ref_model_sync_steps)
+            used = [name for name, value in given.items() if value is not REFERENCE_ARGUMENTS[name]
+                    and value != REFERENCE_ARGUMENTS[name]]
+            if used:
+                raise ValueError(f"{type(self).__name__} is reference-free: {', '.join(used)} would not be used")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if sync_ref_model and precompute_ref_log_probs:
@@ -129,24 +168,27 @@ class PreferenceModule(LLMModule, abc.ABC):
             raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
         if ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
+        if precompute_ref_batch_size is not None and precompute_ref_batch_size < 1:
+            raise ValueError(f"precompute_ref_batch_size must be >= 1 or None, got {precompute_ref_batch_size}")
         self.beta = beta
         # Kept out of the submodule registry: a reference given as a model object would otherwise be saved in every
         # checkpoint under this name (the reference that is used, and left out of checkpoints, is ``ref_model``).
         object.__setattr__(self, "ref_model_source", ref_model)
+        if isinstance(ref_model, nn.Module):
+            # not rebuildable from the hyperparameters: a checkpoint says so instead of rebuilding the wrong model
+            self.hparams["ref_model"] = model_spec(ref_model)
         self.precompute_ref_log_probs = precompute_ref_log_probs
         self.precompute_ref_batch_size = precompute_ref_batch_size
         self.sync_ref_model = sync_ref_model
         self.ref_model_mixup_alpha = ref_model_mixup_alpha
         self.ref_model_sync_steps = ref_model_sync_steps
-        self.disable_dropout = disable_dropout
+        self.reference_sync = ReferenceSync(ref_model_sync_steps, ref_model_mixup_alpha) if sync_ref_model else None
         self.ref_model: nn.Module | None = None
         self._reference_precomputed = False
 
     # ------------------------------------------------------------------------------------------------ reference
     def configure_model(self) -> None:
         super().configure_model()
-        if self.disable_dropout:
-            disable_dropout_in_model(self.model)
         if self.ref_model is None and self.uses_reference and not self._reference_precomputed:
             self.ref_model = self._build_reference()
 
@@ -156,12 +198,19 @@ class PreferenceModule(LLMModule, abc.ABC):
                 raise ValueError("sync_ref_model needs a separate reference model; under PEFT the reference is the "
                                  "policy with adapters disabled. Pass ref_model=... to use one.")
             return None  # the policy with its adapters disabled
-        if self.ref_model_source is not None:
-            ref = load_model(self.ref_model_source, task=self.model_task, **self.model_load_kwargs)
-        elif isinstance(self.model_source, nn.Module):
-            ref = copy.deepcopy(self.model_source)
+        source = self.ref_model_source if self.ref_model_source is not None else self.model_source
+        if isinstance(source, dict) and not self.sync_ref_model:
+            if self.precompute_ref_log_probs:
+                return None  # its log-probs are in the data; nothing here could score them again
+            raise ValueError(
+                f"{type(self).__name__} was built from model objects, and its reference (a frozen copy of "
+                f"{'ref_model' if self.ref_model_source is not None else 'the initial policy'}) is not saved in "
+                "checkpoints: pass ref_model=... (and model=...) to load_from_checkpoint"
+            )
+        if isinstance(source, nn.Module):
+            ref = copy.deepcopy(source)
         else:
-            ref = load_model(self.model_source, task=self.model_task, **self.model_load_kwargs)
+            ref = load_model(source, task=self.model_task, **self.model_load_kwargs)
         ref.requires_grad_(False)
         ref.eval()
         disable_dropout_in_model(ref)
@@ -181,6 +230,8 @@ class PreferenceModule(LLMModule, abc.ABC):
             for key in [k for k in state if k.startswith(REF_PREFIX)]:
                 del state[key]
         checkpoint["lightning_llm"]["reference_precomputed"] = self._reference_precomputed
+        if self.reference_sync is not None:
+            checkpoint["lightning_llm"]["reference_sync"] = self.reference_sync.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -188,122 +239,128 @@ class PreferenceModule(LLMModule, abc.ABC):
         if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+        sync_state = checkpoint.get("lightning_llm", {}).get("reference_sync")
+        if self.reference_sync is not None and sync_state is not None:
+            self.reference_sync.load_state_dict(sync_state)
 
-    def configure_callbacks(self) -> list:
-        if not self.sync_ref_model:
-            return []
-        from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback
+    def on_fit_start(self) -> None:
+        if self.reference_sync is not None and self.ref_model is None:
+            raise ValueError(f"sync_ref_model needs a separate reference model, but {type(self).__name__} has none")
+        self._precompute_reference()
 
-        return [SyncRefModelCallback(sync_steps=self.ref_model_sync_steps, alpha=self.ref_model_mixup_alpha)]
+    def on_validation_start(self) -> None:
+        self._precompute_reference()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.reference_sync is not None:
+            self.reference_sync.maybe_sync(self.trainer.global_step, self.ref_model, self.model,
+                                           root=fsdp1_root(self.trainer))
 
     # ---------------------------------------------------------------------------------------------- log-probs
-    def completion_logps(self, model: nn.Module, batch: dict[str, Tensor], *, return_entropy: bool = False,
+    def completion_logps(self, model: nn.Module, sequences: CompletionBatch, *, return_entropy: bool = False,
                          return_is_top1: bool = False, return_mean_logits: bool = False,
                          return_log_sum_sq_probs: bool = False, score_chosen_prompts: bool = False
                          ) -> CompletionLogps:
-        """Completion log-probs of every sequence of ``batch`` under ``model`` (one forward).
+        """Completion log-probs of every sequence under ``model`` (one forward).
 
         ``score_chosen_prompts`` also scores the prompt tokens of the chosen sequences (the first half of the rows),
         for losses with an NLL term over the whole chosen sequence (ORPO).
         """
-        completion_mask = batch["completion_mask"].bool()
+        completion_mask = sequences.completion_mask.bool()
         to_score = completion_mask
         if score_chosen_prompts:
-            to_score = completion_mask | _chosen_tokens(batch)
-        labels = batch["input_ids"].masked_fill(~to_score, -100)
+            to_score = completion_mask | sequences.first_half_tokens()
+        labels = sequences.input_ids.masked_fill(~to_score, -100)
         out = self.token_logprobs(
-            model, batch["input_ids"], labels, attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"), return_entropy=return_entropy, return_is_top1=return_is_top1,
+            model, sequences.input_ids, labels, attention_mask=sequences.attention_mask,
+            position_ids=sequences.position_ids, return_entropy=return_entropy, return_is_top1=return_is_top1,
             return_mean_logits=return_mean_logits, return_log_sum_sq_probs=return_log_sum_sq_probs,
         )
         mask, scored = completion_mask[:, 1:], to_score[:, 1:]
-        if "seq_index" in batch:
-            num_sequences = int(batch["seq_index"].max().item()) + 1
-            mask = unflatten_tokens(mask, batch, num_sequences)
-            scored = unflatten_tokens(scored, batch, num_sequences)
-            out = TokenLogProbs(*(None if t is None else unflatten_tokens(t, batch, num_sequences) for t in out))
+        if sequences.padding_free:
+            mask = unflatten_tokens(mask, sequences)
+            scored = unflatten_tokens(scored, sequences)
+            out = TokenLogProbs(*(None if t is None else unflatten_tokens(t, sequences) for t in out))
         return CompletionLogps(token_logps=out.logps, mask=mask, outputs=out, scored=scored)
 
     @torch.no_grad()
-    def reference_completion_logps(self, batch: dict[str, Tensor]) -> CompletionLogps:
+    def reference_completion_logps(self, sequences: CompletionBatch) -> CompletionLogps:
         """Completion log-probs under the reference: the frozen copy, or the policy with adapters disabled."""
         if self.ref_model is not None:
-            return self.completion_logps(self.ref_model, batch)
+            return self.completion_logps(self.ref_model, sequences)
         if not is_peft_model(self.model):
             raise ValueError(
                 f"{type(self).__name__} has no reference model (precomputed log-probs were expected in the batch)"
             )
         with disabled_adapters(self.model):
-            return self.completion_logps(self.model, batch)
+            return self.completion_logps(self.model, sequences)
 
     def reduce_logps(self, logps: CompletionLogps) -> Tensor:
         """``[R]`` sequence log-probs the loss uses (the sum; DPO's LD variant overrides it)."""
         return logps.sums
 
-    #: batch/example keys holding precomputed reference log-probs
-    reference_keys: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
-
-    def reference_values(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Reference log-probs of a batch under :attr:`reference_keys`: ``[B]`` chosen and rejected sums."""
-        chosen, rejected = self.reduce_logps(self.reference_completion_logps(batch)).chunk(2)
+    def reference_values(self, batch: Batch) -> dict[str, Tensor]:
+        """Reference log-probs of a pair batch under :attr:`reference_keys`: ``[B]`` chosen and rejected sums."""
+        chosen, rejected = self.reduce_logps(self.reference_completion_logps(batch.sequences)).chunk(2)
         return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
-    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
+    def reference_logps(self, batch: PairBatch) -> Tensor:
         """``[2B]`` reference sequence log-probs of a pair batch (chosen then rejected): precomputed ones carried by
         the batch, else a ``no_grad`` reference forward."""
-        values = batch if "ref_chosen_logps" in batch else self.reference_values(batch)
+        if batch.has_reference:
+            return torch.cat([batch.ref_chosen_logps, batch.ref_rejected_logps])
+        values = self.reference_values(batch)
         return torch.cat([values["ref_chosen_logps"], values["ref_rejected_logps"]])
 
     # ------------------------------------------------------------------------------------------- precompute
-    def on_fit_start(self) -> None:
-        self._maybe_precompute_reference()
+    def reference_identity(self) -> Any:
+        """What the reference log-probs depend on (the cache key of the data module's precompute): the reference's
+        source, its loading settings and how log-probs are reduced."""
+        source = self.ref_model_source if self.ref_model_source is not None else self.model_source
+        model = self.ref_model if self.ref_model is not None else self.model
+        return [type(self).__name__, model_identity(source, model), self.model_load_kwargs, self.reference_keys,
+                getattr(self, "ld_alpha", None)]
 
-    def on_validation_start(self) -> None:
-        self._maybe_precompute_reference()
+    def _score_reference(self, batch: Batch) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return self.reference_values(batch.to(self.device))
 
-    def _maybe_precompute_reference(self) -> None:
-        if not (self.precompute_ref_log_probs and self.uses_reference):
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
+    def precompute_reference(self, datamodule: Any) -> None:
+        """Hand :meth:`reference_values` to ``datamodule``, which stores the reference log-probs of all its data (see
+        :meth:`lightning_llm.data.base.LLMDataModule.precompute_reference`); then release the reference model."""
+        if not hasattr(datamodule, "precompute_reference"):
             raise ValueError("precompute_ref_log_probs needs the data to come from a lightning_llm data module")
-        for dataset in (getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)):
-            if dataset is None or not len(dataset) or all(k in dataset[0] for k in self.reference_keys):
-                continue
-            self.precompute_reference(dataset.examples, datamodule.collate,
-                                      self.precompute_ref_batch_size or datamodule.batch_size)
+        identity = self.reference_identity()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            identity = self.trainer.strategy.broadcast(identity, src=0)
+        was_training = self.training
+        self.eval()
+        try:
+            datamodule.precompute_reference(self._score_reference, columns=self.reference_keys, identity=repr(identity),
+                                            batch_size=self.precompute_ref_batch_size)
+        finally:
+            self.train(was_training)
         self._reference_precomputed = True
         if self.ref_model is not None:
             log.info("Reference log-probs precomputed; releasing the reference model.")
             self.ref_model = None
 
-    @torch.no_grad()
-    def precompute_reference(self, examples: list[dict], collate, batch_size: int) -> None:
-        """Compute the reference log-probs of every example once and store them in the examples."""
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start: start + batch_size]
-                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in collate(chunk).items()}
-                for key, values in self.reference_values(batch).items():
-                    for example, value in zip(chunk, values.float().cpu().tolist()):
-                        example[key] = value
-        finally:
-            self.train(was_training)
+    def _precompute_reference(self) -> None:
+        if self.precompute_ref_log_probs and self.uses_reference:
+            self.precompute_reference(getattr(self.trainer, "datamodule", None))
 
     # --------------------------------------------------------------------------------------------------- steps
     @abc.abstractmethod
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def compute_loss(self, batch: Batch) -> Tensor:
         """The loss of one batch; records the algorithm's metrics with :meth:`record`."""
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
         self.record("loss", loss)
         self.count_input_tokens(batch)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.record("loss", self.compute_loss(batch))
 
     def record_pair_metrics(self, policy: CompletionLogps, chosen_rewards: Tensor, rejected_rewards: Tensor,
@@ -358,22 +415,3 @@ class PreferenceModule(LLMModule, abc.ABC):
         if out.is_top1 is not None:
             chosen_top1 = out.is_top1.chunk(2)[0]
             self.record("mean_token_accuracy", (chosen_top1 & chosen_mask).sum(), chosen_mask.sum())
-
-
-def kl_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The mismatched (prompt, completion) sequences of an unpaired batch, as a batch of their own."""
-    return {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "completion_mask")}
-
-
-def _chosen_tokens(batch: dict[str, Tensor]) -> Tensor:
-    """Bool mask of the real tokens of the chosen sequences (first half of the sequences) of a pair batch."""
-    if "seq_index" in batch:
-        seq = batch["seq_index"]
-        num_sequences = int(seq.max().item()) + 1
-        return (seq >= 0) & (seq < num_sequences // 2) & (batch["position_ids"] > 0)
-    real = batch["attention_mask"].bool()
-    first_half = torch.zeros_like(real)
-    first_half[: real.shape[0] // 2] = True
-    return real & first_half
-
-

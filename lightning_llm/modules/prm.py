@@ -7,11 +7,11 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from lightning_llm.data.batches import IGNORE_INDEX, StepBatch
 from lightning_llm.losses.prm import prm_loss
 from lightning_llm.models.loading import load_model
 from lightning_llm.models.parts import unwrap_model
-from lightning_llm.modules.base import IGNORE_INDEX, LLMModule, ModelArg, TokenizerArg
-from lightning_llm.utils.model import disable_dropout_in_model
+from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 
 #: classes of a step: 0 = incorrect, 1 = correct
 NUM_STEP_CLASSES = 2
@@ -44,15 +44,14 @@ class PRMModule(LLMModule):
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         learning_rate: float = 1e-5,
         disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
-        self.disable_dropout = disable_dropout
+        super().__init__(model, tokenizer, learning_rate=learning_rate, disable_dropout=disable_dropout, **kwargs)
 
     # ------------------------------------------------------------------------------------------------- the model
     @property
@@ -67,28 +66,26 @@ class PRMModule(LLMModule):
     def configure_model(self) -> None:
         super().configure_model()
         check_step_classifier(self.model)
-        if self.disable_dropout:
-            disable_dropout_in_model(self.model)
 
-    def step_logits(self, batch: dict[str, Tensor]) -> Tensor:
+    def step_logits(self, batch: StepBatch) -> Tensor:
         """Per-token class scores ``[B, T, 2]`` of ``batch``."""
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
     # ----------------------------------------------------------------------------------------------- the steps
-    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _shared_step(self, batch: StepBatch) -> tuple[Tensor, Tensor]:
         """Summed cross-entropy over the labelled tokens of ``batch``, and their number; records the metrics."""
         # num_items_in_batch=1 turns prm_loss's mean into the plain sum, which the step normalises later.
-        out = prm_loss(self.step_logits(batch), batch["labels"], ignore_index=IGNORE_INDEX, num_items_in_batch=1)
+        out = prm_loss(self.step_logits(batch), batch.labels, ignore_index=IGNORE_INDEX, num_items_in_batch=1)
         num_labelled = out.num_labeled.float()
         self.record("loss", out.loss.detach(), num_labelled)
         self.record("accuracy", out.accuracy * num_labelled, num_labelled)
         self.count_input_tokens(batch)
         return out.loss, num_labelled
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor:
         return self.step_token_mean(*self._shared_step(batch))
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: StepBatch, batch_idx: int) -> None:
         self._shared_step(batch)
 
 

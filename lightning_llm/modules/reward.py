@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 from transformers import PreTrainedModel
 
+from lightning_llm.data.batches import CompletionBatch, PairBatch
 from lightning_llm.losses.reward import reward_loss
 from lightning_llm.models.loading import load_model
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
-from lightning_llm.utils.model import disable_dropout_in_model
 
 
 class RewardModule(LLMModule):
@@ -38,7 +38,7 @@ class RewardModule(LLMModule):
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         center_rewards_coefficient: float | None = None,
@@ -52,11 +52,10 @@ class RewardModule(LLMModule):
                 "RewardModule needs a sequence classifier with one output; pass the causal LM's path or hub id "
                 "instead of the model object, and the score head is added when loading"
             )
-        super().__init__(model, tokenizer, learning_rate=learning_rate, **kwargs)
+        super().__init__(model, tokenizer, learning_rate=learning_rate, disable_dropout=disable_dropout, **kwargs)
         if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.center_rewards_coefficient = center_rewards_coefficient
-        self.disable_dropout = disable_dropout
         self.val_accuracy = BinaryAccuracy()
 
     @property
@@ -67,17 +66,12 @@ class RewardModule(LLMModule):
         kwargs = dict(self.model_load_kwargs)
         return load_model(self.model_source, task="sequence_classification", num_labels=1, **kwargs)
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.disable_dropout:
-            disable_dropout_in_model(self.model)
-
-    def rewards(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+    def rewards(self, sequences: CompletionBatch, model: nn.Module | None = None) -> Tensor:
         """``[R]`` scalar reward of every sequence of a padded batch."""
-        if "attention_mask" not in batch:
+        if sequences.attention_mask is None:
             raise ValueError("RewardModule needs padded batches (PreferenceDataModule(padding_free=False))")
         model = model if model is not None else self.model
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask, use_cache=False)
         return out.logits.squeeze(-1).float()
 
     def _gathered(self, values: Tensor) -> Tensor:
@@ -85,9 +79,9 @@ class RewardModule(LLMModule):
             return self.all_gather(values).reshape(-1)
         return values
 
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.rewards(batch).chunk(2)
-        out = reward_loss(chosen, rejected, margin=batch.get("margin"),
+    def _step(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        chosen, rejected = self.rewards(batch.sequences).chunk(2)
+        out = reward_loss(chosen, rejected, margin=batch.margin,
                           center_rewards_coefficient=self.center_rewards_coefficient)
         loss = out.losses.mean()
         self.record("loss", loss)
@@ -96,16 +90,16 @@ class RewardModule(LLMModule):
         self.record("min_reward", everything.min())
         self.record("max_reward", everything.max())
         self.record_mean("mean_reward", out.rewards)
-        return loss, chosen.detach(), rejected.detach()
+        return loss, chosen.detach(), rejected.detach(), out.accuracies
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, chosen, rejected = self._step(batch)
-        self.record_mean("accuracy", (chosen > rejected).float())
+    def training_step(self, batch: PairBatch, batch_idx: int) -> Tensor:
+        loss, _, _, accuracies = self._step(batch)
+        self.record_mean("accuracy", accuracies)
         self.count_input_tokens(batch)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        _, chosen, rejected = self._step(batch)
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        _, chosen, rejected, _ = self._step(batch)
         self.val_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
         self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True)
 
@@ -117,7 +111,7 @@ class RewardModule(LLMModule):
         conversation ends with the template's end-of-turn token), so the head reads the token it was trained on.
         """
         from lightning_llm.data.chat import render_ids, text_ids
-        from lightning_llm.data.collate import pad_sequences
+        from lightning_llm.data.collate import collate_completions
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
@@ -140,11 +134,8 @@ class RewardModule(LLMModule):
         try:
             for start in range(0, len(seqs), batch_size):
                 chunk = seqs[start: start + batch_size]
-                batch = {
-                    "input_ids": pad_sequences(chunk, tok.pad_token_id).to(device),
-                    "attention_mask": pad_sequences([[1] * len(s) for s in chunk], 0).to(device),
-                }
-                scores += self.rewards(batch, model).tolist()
+                sequences = collate_completions(chunk, [[1] * len(s) for s in chunk], tok.pad_token_id).to(device)
+                scores += self.rewards(sequences, model).tolist()
         finally:
             model.train(was_training)
         return scores

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_llm.data.batches import IGNORE_INDEX, LMBatch
 from lightning_llm.losses.sft import SFT_LOSSES, sft_loss
-from lightning_llm.modules.base import IGNORE_INDEX, LLMModule, ModelArg, TokenizerArg
+from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 
 
 class SFTModule(LLMModule):
@@ -32,7 +33,7 @@ class SFTModule(LLMModule):
 
     def __init__(
         self,
-        model: ModelArg = "tiny-llama",
+        model: ModelArg,
         tokenizer: TokenizerArg = None,
         *,
         loss_type: str = "nll",
@@ -45,20 +46,20 @@ class SFTModule(LLMModule):
         self.loss_type = loss_type
         self.fuse_loss = fuse_loss
 
-    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _shared_step(self, batch: LMBatch) -> tuple[Tensor, Tensor]:
         inputs = dict(
-            attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"), return_entropy=True,
+            attention_mask=batch.attention_mask, position_ids=batch.position_ids, return_entropy=True,
             return_is_top1=True,
         )
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]
-        if self.fuses_token_loss(self.fuse_loss, batch["input_ids"].device):
+        mask = batch.labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+        if self.fuses_token_loss(self.fuse_loss, batch.input_ids.device):
             token_loss = SFT_LOSSES[self.loss_type]
             out = self.token_loss(
-                self.model, batch["input_ids"], batch["labels"], lambda logps, entropy: token_loss(logps), **inputs
+                self.model, batch.input_ids, batch.labels, lambda logps, entropy: token_loss(logps), **inputs
             )
             loss_sum, num_tokens = out.loss, mask.sum()
         else:
-            out = self.token_logprobs(self.model, batch["input_ids"], batch["labels"], **inputs)
+            out = self.token_logprobs(self.model, batch.input_ids, batch.labels, **inputs)
             loss_sum, num_tokens = sft_loss(out.logps, mask, self.loss_type)
         self.record("loss", loss_sum, num_tokens)
         self.record("entropy", torch.where(mask, out.entropy.detach(), 0.0).sum(), num_tokens)
@@ -66,8 +67,8 @@ class SFTModule(LLMModule):
         self.count_input_tokens(batch)
         return loss_sum, num_tokens
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: LMBatch, batch_idx: int) -> Tensor:
         return self.step_token_mean(*self._shared_step(batch))
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: LMBatch, batch_idx: int) -> None:
         self._shared_step(batch)

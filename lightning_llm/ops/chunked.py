@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
+from lightning_llm.kernels.logit_transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
-__all__ = ["ChunkedLinearLogProbs", "ChunkedRowScorer", "full_row_stats", "logits_grad", "default_chunk_rows", "LOGITS_BUDGET"]
+__all__ = ["ChunkedLinearLogProbs", "ChunkedRowScorer", "full_row_stats", "logits_grad", "default_chunk_rows",
+           "LOGITS_BUDGET"]
 
 # fp32 logits elements per chunk (64 MiB); a few temporaries of that size live at once
 LOGITS_BUDGET = 1 << 24

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_llm.ops.transform import LogitTransform
+from lightning_llm.kernels.logit_transform import LogitTransform
 
 __all__ = ["eager_linear_logprobs"]
 

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_llm.kernels.logit_transform import LogitTransform
 from lightning_llm.ops.chunked import ChunkedLinearLogProbs, default_chunk_rows
 from lightning_llm.ops.eager import eager_linear_logprobs
-from lightning_llm.ops.transform import LogitTransform
 
 if TYPE_CHECKING:
     from lightning_llm.kernels.linear_logprobs import TileConfig
 
-__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows", "parse_tiles"]
+__all__ = ["TokenLogProbs", "linear_logprobs", "available_impls", "resolve_impl", "IMPLS", "HeadRows", "head_rows",
+           "parse_tiles"]
 
 IMPLS = ("auto", "triton", "chunked", "eager")
 

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from lightning_llm.kernels.logit_transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 from lightning_llm.ops.chunked import ChunkedRowScorer, default_chunk_rows
 from lightning_llm.ops.logprobs import check_tiles, head_rows
-from lightning_llm.ops.transform import LogitTransform, addmm_f32_, matmul_f32, mm_operand
 
 if TYPE_CHECKING:
     from lightning_llm.kernels.linear_logprobs import TileConfig

@@ -23,8 +23,8 @@ def _load():
 def test_smoke_runs_ours_and_trl(tmp_path):
     bench = _load()
     out = tmp_path / "train_step.json"
-    results = bench.main(["--smoke", "--candidates", "ours_sft", "ours_sft_fused", "ours_dpo", "ours_dpo_nokernel", "trl_dpo",
-                          "--warmup", "1", "--steps", "1", "--out", str(out)])
+    results = bench.main(["--smoke", "--candidates", "ours_sft", "ours_sft_fused", "ours_dpo", "ours_dpo_nokernel",
+                          "trl_dpo", "--warmup", "1", "--steps", "1", "--out", str(out)])
     by_name = {r["name"]: r for r in results}
     for name in ("ours_sft", "ours_sft_fused", "ours_dpo", "ours_dpo_nokernel"):
         assert "error" not in by_name[name], by_name[name]

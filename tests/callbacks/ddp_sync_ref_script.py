@@ -13,10 +13,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from callback_helpers import PolicySnapshots, RefSFTModule, float64_state, sft_data  # noqa: E402
 from lightning import Trainer, seed_everything  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from callback_helpers import PolicySnapshots, RefSFTModule, float64_state, sft_data  # noqa: E402
 from lightning_llm.callbacks import LogCompletionsCallback, SyncRefModelCallback  # noqa: E402
 
 PROMPTS = ["The sky is", [{"role": "user", "content": "Name a colour."}], "One, two,"]

@@ -34,7 +34,7 @@ def _shard(module: nn.Module, mesh) -> nn.Module:
 
 
 def _full(module: nn.Module) -> dict[str, torch.Tensor]:
-    from lightning_llm.callbacks._sharding import read_full
+    from lightning_llm.models.sharding import read_full
 
     return {name: read_full(param).double() for name, param in module.named_parameters()}
 
@@ -55,8 +55,8 @@ def _run(rank: int, world: int, port: int, out_file: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_llm.callbacks._sharding import full_state_dict, is_dtensor, write_full
     from lightning_llm.callbacks.sync_ref_model import sync_reference
+    from lightning_llm.models.sharding import full_state_dict, is_dtensor, write_full
 
     mesh = init_device_mesh("cpu", (world,))
     layouts = {"both sharded": (True, True), "reference sharded": (True, False), "policy sharded": (False, True)}

@@ -3,9 +3,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from lightning import Callback
 from callback_helpers import RefSFTModule, sft_data
 from helpers import quiet_trainer
+from lightning import Callback
 
 from lightning_llm import SFTModule, WinRateCallback
 from lightning_llm.callbacks._generation import resolve_prompts

@@ -10,10 +10,10 @@ from helpers import char_span_mask
 
 from lightning_llm.data.chat import (
     FALLBACK_CHAT_TEMPLATE,
-    ensure_chat_template,
     has_generation_markers,
     tokenize_conversation,
     tokenize_prompt_completion,
+    with_chat_template,
 )
 from lightning_llm.models import tiny_tokenizer
 
@@ -95,7 +95,8 @@ def test_rendering_fallback_gives_the_marker_mask(tok, messages):
 def test_rendering_fallback_with_a_default_system_prompt(tok):
     # a Qwen-style template that adds a system turn when the conversation has none
     plain = without_markers(tok)
-    plain.chat_template = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}"
+    plain.chat_template = ("{%- if messages[0]['role'] != 'system' %}"
+                           "{{- '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}"
                            "{%- endif %}" + plain.chat_template)
     messages = MULTI[1:5]
     ids, mask = tokenize_conversation(plain, messages, with_assistant_mask=True)
@@ -128,11 +129,12 @@ def test_without_mask_returns_the_rendered_ids(tok):
 
 
 def test_tokenizer_without_template_gets_the_fallback(tok, caplog):
-    bare = copy.deepcopy(tok)
-    bare.chat_template = None
+    original = copy.deepcopy(tok)
+    original.chat_template = None
     with caplog.at_level(logging.WARNING, logger="lightning_llm.data.chat"):
-        ensure_chat_template(bare)
+        bare = with_chat_template(original)
     assert bare.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert original.chat_template is None  # the tokenizer handed in is not changed: a copy gets the template
     assert "no chat template" in caplog.text
     # the fallback is ChatML with generation markers: masks work and match the reference
     assert has_generation_markers(bare)
@@ -141,7 +143,7 @@ def test_tokenizer_without_template_gets_the_fallback(tok, caplog):
     caplog.clear()
     custom = copy.deepcopy(tok)
     custom.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    ensure_chat_template(custom)
+    assert with_chat_template(custom) is custom
     assert custom.chat_template.startswith("{% for m in messages %}") and not caplog.records
 
 

@@ -117,10 +117,10 @@ def test_pack_examples_keeps_every_token_and_the_sequence_lengths():
 def test_collate_padded():
     examples = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     batch = collate_lm(examples, pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
-    assert collate_lm(examples, 0, multiple_of=8)["input_ids"].shape == (2, 8)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert collate_lm(examples, 0, multiple_of=8).input_ids.shape == (2, 8)
 
 
 def test_collate_padding_free():
@@ -129,13 +129,13 @@ def test_collate_padding_free():
         {"input_ids": [8, 9, 10, 11], "labels": [8, 9, 10, 11], "seq_lengths": [1, 3]},  # a packed row
     ]
     batch = collate_lm(examples, pad_token_id=0, padding_free=True)
-    assert set(batch) == {"input_ids", "position_ids", "labels"}
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 2]]
+    assert batch.padding_free and batch.attention_mask is None
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1, 2]]
     # no token is trained to predict the first token of the next sequence
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE, 10, 11]]
+    assert batch.labels.tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE, 10, 11]]
     padded = collate_lm(examples, pad_token_id=0, padding_free=True, multiple_of=4)
-    assert padded["input_ids"].shape == (1, 8) and padded["labels"][0, -1] == IGNORE
+    assert padded.input_ids.shape == (1, 8) and padded.labels[0, -1] == IGNORE
     assert position_ids_for([2, 1, 3]) == [0, 1, 0, 0, 1, 2]
 
 
@@ -167,12 +167,12 @@ def test_packed_padding_free_equals_unpacked(tok, preset):
     packed = collate_lm(packed_rows, tok.pad_token_id, padding_free=True)
     padded = collate_lm(examples, tok.pad_token_id)
     with torch.no_grad():
-        packed_nll = -module.token_logprobs(model, packed["input_ids"], packed["labels"],
-                                            position_ids=packed["position_ids"]).logps.double().sum().item()
-        padded_nll = -module.token_logprobs(model, padded["input_ids"], padded["labels"],
-                                            attention_mask=padded["attention_mask"]).logps.double().sum().item()
-        flat_positions = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
-        leaky_nll = -module.token_logprobs(model, packed["input_ids"], packed["labels"],
+        packed_nll = -module.token_logprobs(model, packed.input_ids, packed.labels,
+                                            position_ids=packed.position_ids).logps.double().sum().item()
+        padded_nll = -module.token_logprobs(model, padded.input_ids, padded.labels,
+                                            attention_mask=padded.attention_mask).logps.double().sum().item()
+        flat_positions = torch.arange(packed.input_ids.shape[1]).unsqueeze(0)
+        leaky_nll = -module.token_logprobs(model, packed.input_ids, packed.labels,
                                            position_ids=flat_positions).logps.double().sum().item()
     assert packed_nll == pytest.approx(alone, rel=1e-5, abs=1e-5)
     assert padded_nll == pytest.approx(alone, rel=1e-5, abs=1e-5)
@@ -197,10 +197,10 @@ def test_packed_datamodule_batches_equal_unpacked(tok):
     examples = list(plain.train_dataset)
     alone = reference_nll_sum(model, [e["input_ids"] for e in examples], [e["labels"] for e in examples]).item()
     batch = next(iter(packed.train_dataloader()))
-    assert set(batch) == {"input_ids", "position_ids", "labels"} and batch["input_ids"].shape[0] == 1
+    assert batch.padding_free and batch.attention_mask is None and batch.input_ids.shape[0] == 1
     with torch.no_grad():
-        out = module.token_logprobs(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        out = module.token_logprobs(model, batch.input_ids, batch.labels, position_ids=batch.position_ids)
     packed_nll = -out.logps.double().sum().item()
     assert packed_nll == pytest.approx(alone, rel=1e-5, abs=1e-5)
     n_loss_tokens = sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in examples)
-    assert int((batch["labels"][:, 1:] != IGNORE).sum()) == n_loss_tokens
+    assert int((batch.labels[:, 1:] != IGNORE).sum()) == n_loss_tokens

@@ -40,7 +40,7 @@ ROWS = {
 def examples_of(rows, tokenizer, **kwargs) -> list[dict]:
     data = PreferenceDataModule(rows, tokenizer=tokenizer, shuffle=False, **kwargs)
     data.setup("fit")
-    return data.train_dataset.examples
+    return data.train_dataset.to_list()
 
 
 def trl_prepared(rows, tokenizer, tmp_path, **config) -> list[dict]:
@@ -98,9 +98,9 @@ def test_truncated_batches_match_trl_collator(mode, tok):
     ours = data.collate(examples)
     theirs = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=18, truncation_mode=mode,
                                        pad_to_multiple_of=4)([dict(e) for e in examples])
-    assert ours["input_ids"].shape[1] == 20  # longest is cut to 18, padded to a multiple of 4
+    assert ours.sequences.input_ids.shape[1] == 20  # longest is cut to 18, padded to a multiple of 4
     for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(ours[key], theirs[key]), key
+        assert torch.equal(getattr(ours.sequences, key), theirs[key]), key
 
 
 def test_keep_start_drops_what_trl_drops(tok, tmp_path, caplog):
@@ -117,7 +117,7 @@ def test_keep_start_drops_what_trl_drops(tok, tmp_path, caplog):
     assert data.reports["train_data"].examples == N_ROWS - len(expected)
     assert f"dropped {len(expected)} (prompt alone fills max_length" in caplog.text
     theirs = trl_prepared(rows, tok, tmp_path, max_length=limit, truncation_mode="keep_start")
-    assert [e["prompt_ids"] for e in data.train_dataset.examples] == [e["prompt_ids"] for e in theirs]
+    assert [e["prompt_ids"] for e in data.train_dataset.to_list()] == [e["prompt_ids"] for e in theirs]
     # keep_end keeps each completion's end: nothing is dropped
     data = PreferenceDataModule(rows, tokenizer=tok, max_length=limit, truncation_mode="keep_end")
     data.setup("fit")
@@ -138,7 +138,7 @@ def test_overflow_drop_and_error(tok, caplog):
     assert len(data.train_dataset) == N_ROWS - len(too_long)
     assert f"dropped {len(too_long)} (longer than max_length" in caplog.text
     kept = [e for i, e in enumerate(full) if i not in too_long]
-    assert [e["chosen_ids"] for e in data.train_dataset.examples] == [e["chosen_ids"] for e in kept]
+    assert [e["chosen_ids"] for e in data.train_dataset.to_list()] == [e["chosen_ids"] for e in kept]
     with pytest.raises(ValueError, match=rf"train_data: row {too_long[0]}, column 'chosen'/'rejected'.*max_length"):
         PreferenceDataModule(rows, tokenizer=tok, max_length=limit, on_overflow="error").setup("fit")
 
@@ -149,11 +149,11 @@ def test_margin_is_carried(tok):
         row["margin"] = [0.5, 2, -1.25, 0, 3.0][i]
     data = PreferenceDataModule(rows, tokenizer=tok, batch_size=5, shuffle=False)
     data.setup("fit")
-    assert [e["margin"] for e in data.train_dataset.examples] == [0.5, 2.0, -1.25, 0.0, 3.0]
+    assert [e["margin"] for e in data.train_dataset.to_list()] == [0.5, 2.0, -1.25, 0.0, 3.0]
     batch = next(iter(data.train_dataloader()))
-    assert batch["margin"].dtype == torch.float32
-    assert batch["margin"].tolist() == [0.5, 2.0, -1.25, 0.0, 3.0]
-    assert "margin" not in data.collate(examples_of(ROWS["standard"](2), tok))
+    assert batch.margin.dtype == torch.float32
+    assert batch.margin.tolist() == [0.5, 2.0, -1.25, 0.0, 3.0]
+    assert data.collate(examples_of(ROWS["standard"](2), tok)).margin is None
 
 
 def _bad(kind: str, edit) -> list[dict]:
@@ -227,24 +227,25 @@ def test_padded_and_padding_free_batches_hold_the_same_sequences(kind, tok):
                [e["prompt_ids"] + e["rejected_ids"] for e in examples]
     expected_masks = [[0] * len(e["prompt_ids"]) + [1] * len(e["chosen_ids"]) for e in examples] + \
                      [[0] * len(e["prompt_ids"]) + [1] * len(e["rejected_ids"]) for e in examples]
-    real = padded["attention_mask"].bool()
-    assert padded["input_ids"].shape[0] == 2 * B
-    assert [padded["input_ids"][r][real[r]].tolist() for r in range(2 * B)] == expected
-    assert [padded["completion_mask"][r][real[r]].tolist() for r in range(2 * B)] == expected_masks
-    assert (padded["input_ids"][~real] == tok.pad_token_id).all() and (padded["completion_mask"][~real] == 0).all()
+    real = padded.sequences.attention_mask.bool()
+    assert padded.sequences.input_ids.shape[0] == 2 * B
+    assert [padded.sequences.input_ids[r][real[r]].tolist() for r in range(2 * B)] == expected
+    assert [padded.sequences.completion_mask[r][real[r]].tolist() for r in range(2 * B)] == expected_masks
+    assert (padded.sequences.input_ids[~real] == tok.pad_token_id).all()
+    assert (padded.sequences.completion_mask[~real] == 0).all()
 
     # padding-free: one row, sequences back to back, positions restarting, seq_index naming the sequence
-    assert set(flat) == {"input_ids", "position_ids", "completion_mask", "seq_index"}
-    seq, pos = flat["seq_index"][0], flat["position_ids"][0]
+    assert flat.sequences.padding_free and flat.sequences.attention_mask is None
+    seq, pos = flat.sequences.seq_index[0], flat.sequences.position_ids[0]
     total = sum(len(s) for s in expected)
-    assert flat["input_ids"].shape == (1, -(-total // 16) * 16)
-    assert (seq[total:] == -1).all() and (flat["input_ids"][0, total:] == tok.pad_token_id).all()
+    assert flat.sequences.input_ids.shape == (1, -(-total // 16) * 16)
+    assert (seq[total:] == -1).all() and (flat.sequences.input_ids[0, total:] == tok.pad_token_id).all()
     for r in range(2 * B):
         here = seq == r
-        assert flat["input_ids"][0][here].tolist() == expected[r]
+        assert flat.sequences.input_ids[0][here].tolist() == expected[r]
         assert pos[here].tolist() == list(range(len(expected[r])))
         # the first token of a sequence is predicted by nothing of its own: never a completion token
-        assert flat["completion_mask"][0][here].tolist() == [0] + expected_masks[r][1:]
+        assert flat.sequences.completion_mask[0][here].tolist() == [0] + expected_masks[r][1:]
 
 
 def test_precomputed_reference_logps_ride_along(tok):
@@ -253,5 +254,5 @@ def test_precomputed_reference_logps_ride_along(tok):
         e["ref_chosen_logps"], e["ref_rejected_logps"] = -1.5 * (i + 1), -2.5 * (i + 1)
     for padding_free in (False, True):
         batch = PreferenceDataModule(tokenizer=tok, padding_free=padding_free).collate(examples)
-        assert batch["ref_chosen_logps"].tolist() == [-1.5, -3.0, -4.5]
-        assert batch["ref_rejected_logps"].tolist() == [-2.5, -5.0, -7.5]
+        assert batch.ref_chosen_logps.tolist() == [-1.5, -3.0, -4.5]
+        assert batch.ref_rejected_logps.tolist() == [-2.5, -5.0, -7.5]

@@ -213,17 +213,17 @@ def test_loaders_batch_size_order_and_seed(tok):
     rows = sample_rows("text", 10)
     dm = prepared(rows, tok, batch_size=4)
     batches = list(dm.train_dataloader())
-    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
+    assert [b.input_ids.shape[0] for b in batches] == [4, 4, 2]
     first = batches[0]
-    assert first["input_ids"][0, : len(dm.train_dataset[0]["input_ids"])].tolist() == dm.train_dataset[0]["input_ids"]
-    assert set(first) == {"input_ids", "attention_mask", "labels"}
-    lengths = first["attention_mask"].sum(1).tolist()
+    assert first.input_ids[0, : len(dm.train_dataset[0]["input_ids"])].tolist() == dm.train_dataset[0]["input_ids"]
+    assert first.attention_mask is not None and not first.padding_free
+    lengths = first.attention_mask.sum(1).tolist()
     assert lengths == [len(dm.train_dataset[i]["input_ids"]) for i in range(4)]
 
     def order(seed):
         shuffled = SFTDataModule(rows, tokenizer=tok, batch_size=10, shuffle=True, seed=seed)
         shuffled.setup("fit")
-        return next(iter(shuffled.train_dataloader()))["input_ids"]
+        return next(iter(shuffled.train_dataloader())).input_ids
 
     assert torch.equal(order(3), order(3))
     assert not torch.equal(order(3), order(4))
@@ -232,11 +232,11 @@ def test_loaders_batch_size_order_and_seed(tok):
 def test_pad_to_multiple_of_and_padding_free(tok):
     rows = sample_rows("text", 3)
     batch = next(iter(prepared(rows, tok, pad_to_multiple_of=16).train_dataloader()))
-    assert batch["input_ids"].shape[1] % 16 == 0
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    assert batch.input_ids.shape[1] % 16 == 0
+    assert (batch.labels[batch.attention_mask == 0] == IGNORE).all()
     flat = next(iter(prepared(rows, tok, padding_free=True).train_dataloader()))
-    assert flat["input_ids"].shape == (1, sum(len(tok(r["text"] + IM_END)["input_ids"]) for r in rows))
-    assert (flat["position_ids"] == 0).sum() == 3
+    assert flat.input_ids.shape == (1, sum(len(tok(r["text"] + IM_END)["input_ids"]) for r in rows))
+    assert (flat.position_ids == 0).sum() == 3
 
 
 def test_tokenizer_by_name_and_chat_template_override(tok):

@@ -40,7 +40,7 @@ def prepare(rows, tokenizer, split="train", **kwargs):
     dm = StepwiseDataModule(**data, tokenizer=tokenizer, **kwargs)
     dm.setup("fit")
     dataset = dm.train_dataset if split == "train" else dm.val_dataset
-    return dm, dataset.examples
+    return dm, dataset.to_list()
 
 
 def tokens(tokenizer, example):
@@ -112,11 +112,11 @@ def test_collate_pads_right(tok):
     dm, examples = prepare([ROW, short], tok, pad_to_multiple_of=8)
     batch = dm.collate(examples)
     n0, n1 = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
-    assert batch["input_ids"].shape == (2, 24)  # 19 tokens, padded to a multiple of 8
-    assert batch["input_ids"][1, n1:].eq(tok.pad_token_id).all()
-    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
-    assert batch["labels"][0, n0:].eq(N).all() and batch["labels"][1, :n1].tolist() == examples[1]["labels"]
-    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert batch.input_ids.shape == (2, 24)  # 19 tokens, padded to a multiple of 8
+    assert batch.input_ids[1, n1:].eq(tok.pad_token_id).all()
+    assert batch.attention_mask.sum(1).tolist() == [n0, n1]
+    assert batch.labels[0, n0:].eq(N).all() and batch.labels[1, :n1].tolist() == examples[1]["labels"]
+    assert batch.input_ids.dtype == batch.labels.dtype == torch.long
 
 
 # --------------------------------------------------------------------------------------------- bad rows
@@ -152,4 +152,4 @@ def test_tokenizer_taken_from_the_module(tok):
     dm = StepwiseDataModule([ROW])
     dm.trainer = type("FakeTrainer", (), {"lightning_module": FakeModule()})()
     dm.setup("fit")
-    assert dm.train_dataset.examples[0]["labels"][-1] == 0
+    assert dm.train_dataset.to_list()[0]["labels"][-1] == 0

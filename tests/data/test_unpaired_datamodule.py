@@ -51,7 +51,7 @@ def test_paired_data_is_unpaired_and_tokenized(tok):
     """Standard pairs: examples 0..n-1 are the chosen completions, n..2n-1 the rejected ones, each prompt + completion
     + EOS tokenized as one text and split where the prompt's tokens end."""
     rows = sample_rows("preference_standard", 4)
-    examples = prepared(tok, rows).train_dataset.examples
+    examples = prepared(tok, rows).train_dataset.to_list()
     assert [ex["label"] for ex in examples] == [True] * 4 + [False] * 4
     for k, ex in enumerate(examples):
         row = rows[k % 4]
@@ -65,7 +65,7 @@ def test_implicit_prompt_pairs_are_unpaired(tok):
     """Conversations without a prompt column: the shared turns are the prompt; the completion is the assistant turn,
     rendered by the chat template."""
     rows = sample_rows("preference_implicit", 3)
-    examples = prepared(tok, rows).train_dataset.examples
+    examples = prepared(tok, rows).train_dataset.to_list()
     assert [ex["label"] for ex in examples] == [True] * 3 + [False] * 3
     for k, ex in enumerate(examples):
         side = "chosen" if k < 3 else "rejected"
@@ -78,7 +78,7 @@ def test_implicit_prompt_pairs_are_unpaired(tok):
 def test_kl_completions_rotate_by_one_within_blocks(tok):
     """7 examples in blocks of 3: (x1,y3) (x2,y1) (x3,y2) | (x4,y6) (x5,y4) (x6,y5) | (x7,y7) — a last block of one
     keeps its own completion, as TRL's batched map does."""
-    examples = prepared(tok, standard_rows(7), batch_size=3).train_dataset.examples
+    examples = prepared(tok, standard_rows(7), batch_size=3).train_dataset.to_list()
     completions = [ex["completion_ids"] for ex in examples]
     assert len(set(map(tuple, completions))) == 7
     expected = [2, 0, 1, 5, 3, 4, 6]
@@ -89,63 +89,64 @@ def test_validation_blocks_follow_the_validation_batch_size(tok):
     dm = UnpairedPreferenceDataModule(standard_rows(4), standard_rows(4), tokenizer=tok, batch_size=4,
                                       val_batch_size=2)
     dm.setup("fit")
-    train = [ex["completion_ids"] for ex in dm.train_dataset.examples]
-    val = [ex["completion_ids"] for ex in dm.val_dataset.examples]
-    assert [ex["kl_completion_ids"] for ex in dm.train_dataset.examples] == [train[3], train[0], train[1], train[2]]
-    assert [ex["kl_completion_ids"] for ex in dm.val_dataset.examples] == [val[1], val[0], val[3], val[2]]
+    train = [ex["completion_ids"] for ex in dm.train_dataset.to_list()]
+    val = [ex["completion_ids"] for ex in dm.val_dataset.to_list()]
+    assert [ex["kl_completion_ids"] for ex in dm.train_dataset.to_list()] == [train[3], train[0], train[1], train[2]]
+    assert [ex["kl_completion_ids"] for ex in dm.val_dataset.to_list()] == [val[1], val[0], val[3], val[2]]
 
 
 def test_sequential_batches_hold_their_own_completions(tok):
     """With shuffle=False each batch's mismatched completions are that batch's completions (TRL's construction)."""
     dm = prepared(tok, standard_rows(6), batch_size=3, shuffle=False)
     for batch in dm.train_dataloader():
-        own = {tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["completion_mask"])}
-        kl = {tuple(row[m.bool()].tolist()) for row, m in zip(batch["kl_input_ids"], batch["kl_completion_mask"])}
+        own, kl = ({tuple(row[m.bool()].tolist()) for row, m in zip(seqs.input_ids, seqs.completion_mask)}
+                   for seqs in (batch.sequences, batch.kl_sequences))
         assert own == kl
 
 
 def test_no_kl_pairs(tok):
     dm = prepared(tok, standard_rows(4), kl_pairs=False)
-    assert "kl_completion_ids" not in dm.train_dataset.examples[0]
-    assert not any(key.startswith("kl_") for key in dm.collate(dm.train_dataset.examples))
+    assert "kl_completion_ids" not in dm.train_dataset.to_list()[0]
+    assert dm.collate(dm.train_dataset.to_list()).kl_sequences is None
 
 
 # ------------------------------------------------------------------------------------------------------- batches
 def test_collate_token_by_token(tok):
     dm = prepared(tok, standard_rows(3), batch_size=3, pad_to_multiple_of=8)
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     for ex, value in zip(examples, (-1.5, -2.0, -3.25)):
         ex["ref_logps"], ex["ref_kl_logps"] = value, 2 * value
     batch = dm.collate(examples)
-    width = batch["input_ids"].shape[1]
+    width = batch.sequences.input_ids.shape[1]
     assert width % 8 == 0
     for prefix, key in (("", "completion_ids"), ("kl_", "kl_completion_ids")):
         for i, ex in enumerate(examples):
             seq = ex["prompt_ids"] + ex[key]
-            pad = width - len(seq) if prefix == "" else batch["kl_input_ids"].shape[1] - len(seq)
-            assert batch[f"{prefix}input_ids"][i].tolist() == seq + [tok.pad_token_id] * pad
-            assert batch[f"{prefix}attention_mask"][i].tolist() == [1] * len(seq) + [0] * pad
-            assert batch[f"{prefix}completion_mask"][i].tolist() == \
+            pad = width - len(seq) if prefix == "" else batch.kl_sequences.input_ids.shape[1] - len(seq)
+            seqs = batch.sequences if prefix == "" else batch.kl_sequences
+            assert seqs.input_ids[i].tolist() == seq + [tok.pad_token_id] * pad
+            assert seqs.attention_mask[i].tolist() == [1] * len(seq) + [0] * pad
+            assert seqs.completion_mask[i].tolist() == \
                 [0] * len(ex["prompt_ids"]) + [1] * len(ex[key]) + [0] * pad
-    assert batch["label"].dtype == torch.bool
-    assert batch["label"].tolist() == [ex["label"] for ex in examples]
-    assert batch["ref_logps"].tolist() == [-1.5, -2.0, -3.25]
-    assert batch["ref_kl_logps"].tolist() == [-3.0, -4.0, -6.5]
+    assert batch.label.dtype == torch.bool
+    assert batch.label.tolist() == [ex["label"] for ex in examples]
+    assert batch.ref_logps.tolist() == [-1.5, -2.0, -3.25]
+    assert batch.ref_kl_logps.tolist() == [-3.0, -4.0, -6.5]
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_truncation(tok, mode):
     rows = standard_rows(2)
-    full = prepared(tok, rows, max_length=None).train_dataset.examples
+    full = prepared(tok, rows, max_length=None).train_dataset.to_list()
     dm = prepared(tok, rows, max_length=14, truncation_mode=mode)
-    batch = dm.collate(dm.train_dataset.examples)
+    batch = dm.collate(dm.train_dataset.to_list())
     for i, ex in enumerate(full):
         seq = ex["prompt_ids"] + ex["completion_ids"]
         mask = [0] * len(ex["prompt_ids"]) + [1] * len(ex["completion_ids"])
         assert len(seq) > 14
         cut = slice(None, 14) if mode == "keep_start" else slice(-14, None)
-        assert batch["input_ids"][i].tolist() == seq[cut]
-        assert batch["completion_mask"][i].tolist() == mask[cut]
+        assert batch.sequences.input_ids[i].tolist() == seq[cut]
+        assert batch.sequences.completion_mask[i].tolist() == mask[cut]
 
 
 def test_overflow_policies(tok):
@@ -163,7 +164,7 @@ def test_overflow_policies(tok):
     dm = prepared(tok, rows, max_length=prompt_len)
     assert dm.reports["train_data"].dropped == {"prompt alone fills max_length": [2]}
     assert len(dm.train_dataset) == 2
-    assert dm.collate(dm.train_dataset.examples)["input_ids"].shape[1] <= prompt_len
+    assert dm.collate(dm.train_dataset.to_list()).sequences.input_ids.shape[1] <= prompt_len
 
 
 # ------------------------------------------------------------------------------------------------- malformed rows

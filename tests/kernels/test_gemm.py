@@ -11,9 +11,9 @@ from logprob_reference import reference_outputs, rel_err  # noqa: E402
 from triton_device import DEVICE, requires_triton  # noqa: E402
 
 from lightning_llm.kernels.gemm import gemm_logits_grad, gemm_softmax_stats, vocab_splits  # noqa: E402
+from lightning_llm.kernels.logit_transform import LogitTransform  # noqa: E402
 from lightning_llm.kernels.logits_grad import logits_grad_reference  # noqa: E402
 from lightning_llm.kernels.softmax_stats import SoftmaxStats  # noqa: E402
-from lightning_llm.ops.transform import LogitTransform  # noqa: E402
 
 pytestmark = requires_triton
 

@@ -13,8 +13,8 @@ from logprob_reference import reference_grads, reference_outputs, rel_err  # noq
 from triton_device import DEVICE, requires_triton  # noqa: E402
 
 from lightning_llm.kernels.linear_logprobs import TileConfig, TritonLinearLogProbs, default_token_rows  # noqa: E402
+from lightning_llm.kernels.logit_transform import LogitTransform  # noqa: E402
 from lightning_llm.ops import linear_logprobs  # noqa: E402
-from lightning_llm.ops.transform import LogitTransform  # noqa: E402
 
 pytestmark = requires_triton
 

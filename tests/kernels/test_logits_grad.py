@@ -9,8 +9,8 @@ pytest.importorskip("triton")
 
 from triton_device import DEVICE, requires_triton  # noqa: E402
 
+from lightning_llm.kernels.logit_transform import LogitTransform  # noqa: E402
 from lightning_llm.kernels.logits_grad import logits_grad_, logits_grad_reference, narrow_view  # noqa: E402
-from lightning_llm.ops.transform import LogitTransform  # noqa: E402
 
 pytestmark = requires_triton
 

@@ -11,12 +11,12 @@ pytest.importorskip("triton")
 
 from triton_device import DEVICE, requires_triton  # noqa: E402
 
+from lightning_llm.kernels.logit_transform import LogitTransform  # noqa: E402
 from lightning_llm.kernels.softmax_stats import (  # noqa: E402
     SoftmaxStats,
     fold_softmax_stats,
     fold_softmax_stats_reference,
 )
-from lightning_llm.ops.transform import LogitTransform  # noqa: E402
 
 pytestmark = requires_triton
 

@@ -105,13 +105,17 @@ def test_sequence_classification_head():
 def test_tokenizer_pad_fallback_and_template_override(tmp_path):
     tok = tiny_tokenizer()
     tok.pad_token = None
-    assert load_tokenizer(tok).pad_token == tok.eos_token
+    loaded = load_tokenizer(tok)
+    assert loaded.pad_token == tok.eos_token
+    assert loaded is not tok and tok.pad_token is None  # a tokenizer handed in is copied, never changed
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert load_tokenizer(tiny_tokenizer(), chat_template=template).chat_template == template
+    handed = tiny_tokenizer()
+    assert load_tokenizer(handed, chat_template=template).chat_template == template
+    assert handed.chat_template != template
+    assert load_tokenizer(handed) is handed  # nothing to change: the same object
     path = tmp_path / "t.jinja"
     path.write_text(template + "!")
     assert load_tokenizer(tiny_tokenizer(), chat_template=str(path)).chat_template == template + "!"
-    assert load_tokenizer(tiny_tokenizer(), padding_side="left").padding_side == "left"
 
 
 # ------------------------------------------------------------------------------------------- head parts / scaling

@@ -42,8 +42,8 @@ def padded_batch(tok, n=4):
 
 
 # --------------------------------------------------------------------------------------------- log-prob path
-@pytest.mark.parametrize("preset, impl", [("tiny-llama", "chunked"), ("tiny-qwen2", "chunked"), ("tiny-gpt2", "chunked"),
-                                           ("tiny-llama", "eager")])
+@pytest.mark.parametrize("preset, impl", [("tiny-llama", "chunked"), ("tiny-qwen2", "chunked"),
+                                          ("tiny-gpt2", "chunked"), ("tiny-llama", "eager")])
 def test_token_logprobs_match_float64_logits(tok, preset, impl):
     model = tiny_model(preset).eval()
     reference = copy.deepcopy(model).double()
@@ -147,7 +147,12 @@ def test_optimizer_is_built_from_trainable_parameters_only(tok):
 ])
 def test_constructor_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        LLMModule(**kwargs)
+        LLMModule(**{"model": "tiny-llama", **kwargs})
+
+
+def test_model_is_required():
+    with pytest.raises(TypeError, match="model"):
+        LLMModule()
 
 
 # ---------------------------------------------------------------------------------------------------- generate

@@ -64,7 +64,7 @@ def hand_loss(rewards, labels, delta, weights=None) -> float:
 def test_loss_and_running_delta_match_hand_computation(tok):
     beta = 0.3
     dm = data(tok, sample_rows("unpaired_preference", 12), batch_size=6)
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     policy, ref = policy_model(), reference_model()
     module = BCOModule(policy, tokenizer=tok, ref_model=ref, beta=beta)
     module.configure_model()
@@ -190,7 +190,7 @@ def test_udm_weights_are_clipped_density_ratios_on_undesirable_examples(tok):
     module = BCOModule(policy, tokenizer=tok, ref_model=ref, beta=beta, embedding_func=colour_embedding,
                        min_density_ratio=low, max_density_ratio=high, optimizer=sgd(1e-9))
     quiet_trainer(max_steps=1).fit(module, dm)  # fits the prompt classifier, sets δ
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     prompts = [tok.decode(ex["prompt_ids"]) for ex in examples]
     p = module.prompt_classifier(colour_embedding(prompts)).double()
     assert bool(((p > 0) & (p < 1)).all())

@@ -22,7 +22,7 @@ def tok():
 def examples(tok):
     dm = PreferenceDataModule(sample_rows("preference_standard", 6), tokenizer=tok)
     dm.setup("fit")
-    return dm.train_dataset.examples
+    return dm.train_dataset.to_list()
 
 
 def sharp_model(seed: int = 5) -> torch.nn.Module:
@@ -107,7 +107,7 @@ def test_padding_free_equals_padded(tok, examples):
         module = CPOModule(sharp_model(), tokenizer=tok, loss_type="simpo", beta=2.0, cpo_alpha=0.3)
         module.configure_model()
         batch = dm.collate(examples)
-        assert ("seq_index" in batch) == padding_free
+        assert batch.sequences.padding_free == padding_free
         loss = module.compute_loss(batch)
         loss.backward()
         losses.append(loss.item())

@@ -5,8 +5,6 @@ reference / LoRA / padding-free / checkpoint machinery: tests/modules/test_prefe
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +27,7 @@ def policy():
 def examples_and_batch(rows, tok):
     data = PreferenceDataModule(rows, tokenizer=tok, shuffle=False)
     data.setup("fit")
-    return data.train_dataset.examples, data.collate(data.train_dataset.examples)
+    return data.train_dataset.to_list(), data.collate(data.train_dataset.to_list())
 
 
 def alone(model, examples, column: str) -> torch.Tensor:
@@ -97,11 +95,13 @@ def test_ld_alpha_with_precomputed_reference(tok, policy):
     live = DPOModule(policy, tokenizer=tok, ref_model=tiny_model("tiny-llama"), ld_alpha=0.3)
     live.configure_model()
     live.eval()
-    data = PreferenceDataModule(tokenizer=tok)
-    stored = copy.deepcopy(examples)
-    live.precompute_reference(stored, data.collate, batch_size=2)
+    data = PreferenceDataModule(rows, tokenizer=tok, batch_size=2)
+    data.setup("fit")
     with torch.no_grad():
         loss_live = live.compute_loss(batch).item()
+        live.precompute_reference(data)
+        stored = data.train_dataset.to_list()
+        assert all(ex["ref_chosen_logps"] is not None for ex in stored)
         loss_pre = live.compute_loss(data.collate(stored)).item()
         plain = DPOModule(policy, tokenizer=tok, ref_model=tiny_model("tiny-llama"))
         plain.configure_model()

@@ -46,7 +46,7 @@ def test_loss_matches_hand_computation(tok, loss_type):
     λ_D (1 - σ(βr)), λ_U σ(βr)."""
     beta, w_d, w_u = 0.4, 1.2, 0.8
     dm = data(tok, sample_rows("unpaired_preference", 6), batch_size=6)
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     policy, ref = policy_model(), reference_model()
     module = KTOModule(policy, tokenizer=tok, ref_model=ref, beta=beta, loss_type=loss_type, desirable_weight=w_d,
                        undesirable_weight=w_u)
@@ -90,7 +90,7 @@ def test_precomputed_reference_gives_the_live_losses(tok):
         series[precompute] = (steps.series("loss"), steps.series("kl"), steps.series("rewards/chosen"))
         if precompute:
             assert module.ref_model is None
-            assert all("ref_logps" in ex and "ref_kl_logps" in ex for ex in dm.train_dataset.examples)
+            assert all("ref_logps" in ex and "ref_kl_logps" in ex for ex in dm.train_dataset.to_list())
         else:
             assert module.ref_model is not None
     for live, cached in zip(series[False], series[True]):

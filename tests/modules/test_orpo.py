@@ -82,7 +82,7 @@ def test_loss_and_metrics_match_hand_computation(tok, nll_on_prompt):
     rows = sample_rows("preference_standard", 6)
     dm = PreferenceDataModule(rows, tokenizer=tok)
     dm.setup("fit")
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     module = ORPOModule(sharp_model(), tokenizer=tok, beta=0.4, nll_on_prompt=nll_on_prompt)
     module.configure_model()
     loss = module.compute_loss(dm.collate(examples))
@@ -100,7 +100,7 @@ def test_nll_on_prompt_is_the_whole_chosen_sequence(tok):
     rows = sample_rows("preference_standard", 4)
     dm = PreferenceDataModule(rows, tokenizer=tok)
     dm.setup("fit")
-    batch = dm.collate(dm.train_dataset.examples)
+    batch = dm.collate(dm.train_dataset.to_list())
     values = {}
     for flag in (True, False):
         module = ORPOModule(sharp_model(), tokenizer=tok, nll_on_prompt=flag)

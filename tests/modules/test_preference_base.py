@@ -14,6 +14,7 @@ import torch
 from helpers import StepMetrics, constant_lr, flushed, perturb_, quiet_trainer, reference_nll_sum, sample_rows, sgd
 
 from lightning_llm import DPOModule, PreferenceDataModule
+from lightning_llm.data.batches import CompletionBatch
 from lightning_llm.models import tiny_model, tiny_tokenizer
 from lightning_llm.modules.preference import REF_PREFIX, unflatten_tokens
 
@@ -38,7 +39,7 @@ def policy():
 def examples_of(rows, tok, **kwargs):
     data = PreferenceDataModule(rows, tokenizer=tok, shuffle=False, **kwargs)
     data.setup("fit")
-    return data.train_dataset.examples
+    return data.train_dataset.to_list()
 
 
 def batches(rows, tok):
@@ -69,10 +70,14 @@ def alone_logps(model, examples) -> torch.Tensor:
 
 def test_unflatten_tokens_by_hand():
     # two sequences [a b c | d e] and one pad; value p scores token p + 1
-    batch = {"seq_index": torch.tensor([[0, 0, 0, 1, 1, -1]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+    sequences = CompletionBatch(
+        input_ids=torch.zeros((1, 6), dtype=torch.long), completion_mask=torch.ones((1, 6), dtype=torch.long),
+        num_sequences=2, seq_index=torch.tensor([[0, 0, 0, 1, 1, -1]]),
+        position_ids=torch.tensor([[0, 1, 2, 0, 1, 0]]),
+    )
     values = torch.tensor([[10.0, 20.0, 30.0, 40.0, 50.0]])
     # token b <- 10, c <- 20; d starts sequence 1 (30 dropped); e <- 40; the pad (50) belongs to nobody
-    assert unflatten_tokens(values, batch, 2).tolist() == [[10.0, 20.0], [40.0, 0.0]]
+    assert unflatten_tokens(values, sequences).tolist() == [[10.0, 20.0], [40.0, 0.0]]
 
 
 def test_completion_logps_match_each_sequence_alone(tok, policy):
@@ -82,8 +87,8 @@ def test_completion_logps_match_each_sequence_alone(tok, policy):
     expected = alone_logps(policy, examples)
     lengths = torch.tensor([len(ex[c]) for c in ("chosen_ids", "rejected_ids") for ex in examples])
     with torch.no_grad():
-        a = module.completion_logps(module.model, padded, return_entropy=True)
-        b = module.completion_logps(module.model, flat, return_entropy=True)
+        a = module.completion_logps(module.model, padded.sequences, return_entropy=True)
+        b = module.completion_logps(module.model, flat.sequences, return_entropy=True)
     assert torch.allclose(a.sums.double(), expected, atol=1e-4, rtol=0)
     assert torch.equal(a.lengths, lengths) and torch.equal(b.lengths, lengths)
     # same [R, L] layout either way: column t scores token t + 1 of the sequence
@@ -142,9 +147,9 @@ def test_lora_reference_is_the_policy_without_adapters(tok):
     _, batch, _ = batches(rows[:4], tok)
     module.eval()
     with torch.no_grad():
-        ref = module.reference_completion_logps(batch).sums
-        preset_logps = module.completion_logps(tiny_model("tiny-llama"), batch).sums
-        policy_logps = module.completion_logps(module.model, batch).sums
+        ref = module.reference_completion_logps(batch.sequences).sums
+        preset_logps = module.completion_logps(tiny_model("tiny-llama"), batch.sequences).sums
+        policy_logps = module.completion_logps(module.model, batch.sequences).sums
     assert torch.allclose(ref, preset_logps, atol=1e-5, rtol=0)
     assert (policy_logps - ref).abs().max() > 1e-3
 
@@ -182,7 +187,7 @@ def test_precomputed_reference_gives_the_live_results(tok, policy):
     assert module.ref_model is None  # released once the log-probs are stored
     # the stored values are the reference model's completion log-probs (each sequence alone, float64)
     for dataset in (data.train_dataset, data.val_dataset):
-        examples = dataset.examples
+        examples = dataset.to_list()
         expected = alone_logps(tiny_model("tiny-llama"), examples)
         stored = torch.tensor([ex["ref_chosen_logps"] for ex in examples] +
                               [ex["ref_rejected_logps"] for ex in examples], dtype=torch.float64)

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import as_dict
 from transformers import AutoModelForTokenClassification
 
 from lightning_llm.data.base import LLMDataModule
@@ -40,7 +41,7 @@ def token_classifier(num_labels: int = 2):
 def batch_of(rows, tokenizer, **kwargs):
     dm = StepwiseDataModule(rows, tokenizer=tokenizer, **kwargs)
     dm.setup("fit")
-    return dm.collate(dm.train_dataset.examples)
+    return dm.collate(dm.train_dataset.to_list())
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -59,15 +60,15 @@ def test_loss_and_accuracy_are_the_token_classifiers(tok, rows):
     for mod in reference.modules():  # PRM training runs without dropout, as TRL's does by default
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    out = reference(**batch)
+    out = reference(**as_dict(batch))
     loss = module.training_step(batch, 0)
     assert loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
-    labelled = batch["labels"] != -100
-    correct = (out.logits.argmax(-1) == batch["labels"]) & labelled
+    labelled = batch.labels != -100
+    correct = (out.logits.argmax(-1) == batch.labels) & labelled
     metrics = module.flush_metrics("train")
     assert metrics["loss"] == pytest.approx(out.loss.item(), abs=1e-6)
     assert metrics["accuracy"] == pytest.approx(correct.sum().item() / labelled.sum().item())
-    assert metrics["num_tokens"] == batch["attention_mask"].sum().item()
+    assert metrics["num_tokens"] == batch.attention_mask.sum().item()
 
 
 def test_gradient_accumulation_averages_over_the_steps_labelled_tokens(tok, rows):
@@ -87,7 +88,7 @@ def test_gradient_accumulation_averages_over_the_steps_labelled_tokens(tok, rows
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
     batch = batch_of(rows, tok)
-    reference(**batch).loss.backward()  # mean over the labelled tokens of all four rows
+    reference(**as_dict(batch)).loss.backward()  # mean over the labelled tokens of all four rows
     for name, param in reference.named_parameters():
         step = before[name] - module.model.get_parameter(name).detach()
         torch.testing.assert_close(step, param.grad, atol=1e-6, rtol=1e-4, msg=name)
@@ -122,8 +123,8 @@ def test_learns_and_logs_trl_metrics(rows):
     with torch.no_grad():
         for batch in data.val_dataloader():
             logits = module.step_logits(batch)
-            mask = batch["labels"] != -100
-            correct += ((logits.argmax(-1) == batch["labels"]) & mask).sum().item()
+            mask = batch.labels != -100
+            correct += ((logits.argmax(-1) == batch.labels) & mask).sum().item()
             labelled += mask.sum().item()
     assert after["val/accuracy"] == pytest.approx(correct / labelled)
 

@@ -24,7 +24,7 @@ def classifier(preset: str = "tiny-llama"):
 def batch_of(rows, tok, **kwargs) -> dict:
     data = PreferenceDataModule(rows, tokenizer=tok, shuffle=False, **kwargs)
     data.setup("fit")
-    return data.collate(data.train_dataset.examples)
+    return data.collate(data.train_dataset.to_list())
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def rewards_alone(model, batch) -> torch.Tensor:
     """Each sequence of a padded batch run alone (no padding, so the classifier pools its last token), float64."""
     model = model.double()
     out = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"].bool()):
+    for ids, mask in zip(batch.sequences.input_ids, batch.sequences.attention_mask.bool()):
         out.append(model(input_ids=ids[mask][None], use_cache=False).logits[0, 0])
     return torch.stack(out)
 
@@ -52,18 +52,19 @@ def test_loss_and_metrics_by_hand(tok, margin, center):
 
     r = rewards_alone(classifier(), batch)
     chosen, rejected = r.chunk(2)
-    m = batch["margin"].double() if margin else 0.0
+    m = batch.margin.double() if margin else 0.0
     expected = -F.logsigmoid(chosen - rejected - m).mean()
     if center:
         expected = expected + center * ((chosen + rejected) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert logged["loss"] == pytest.approx(expected.item(), abs=1e-5)
     assert logged["accuracy"] == pytest.approx((chosen > rejected).double().mean().item())
-    assert logged["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)  # the data margin is not in it
+    # the data margin is not in it
+    assert logged["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
     assert logged["min_reward"] == pytest.approx(r.min().item(), abs=1e-5)
     assert logged["max_reward"] == pytest.approx(r.max().item(), abs=1e-5)
     assert logged["mean_reward"] == pytest.approx(r.mean().item(), abs=1e-5)
-    assert logged["num_tokens"] == batch["attention_mask"].sum().item()
+    assert logged["num_tokens"] == batch.sequences.attention_mask.sum().item()
 
 
 def test_learns_and_validates(tok):
@@ -82,7 +83,7 @@ def test_learns_and_validates(tok):
     module.eval()
     with torch.no_grad():
         batch = batch_of(val, tok)
-        chosen, rejected = module.rewards(batch).chunk(2)
+        chosen, rejected = module.rewards(batch.sequences).chunk(2)
     assert trainer.callback_metrics["val/accuracy"].item() == pytest.approx((chosen > rejected).float().mean().item())
     assert "val/loss" in trainer.callback_metrics and "val/margin" in trainer.callback_metrics
 
@@ -95,7 +96,7 @@ def test_dropout_is_off_by_default(tok):
         module.configure_model()
         module.train()
         torch.manual_seed(0)
-        first, second = module.rewards(batch), module.rewards(batch)
+        first, second = module.rewards(batch.sequences), module.rewards(batch.sequences)
         assert torch.equal(first, second) is same
 
 
@@ -107,7 +108,7 @@ def test_score_matches_the_training_sequences(tok, kind):
     module.configure_model()
     module.eval()
     with torch.no_grad():
-        trained_on = module.rewards(batch_of(rows, tok))
+        trained_on = module.rewards(batch_of(rows, tok).sequences)
     scored = module.score([r["prompt"] for r in rows] * 2,
                           [r["chosen"] for r in rows] + [r["rejected"] for r in rows], batch_size=3)
     assert scored == pytest.approx(trained_on.tolist(), abs=1e-5)

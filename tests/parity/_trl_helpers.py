@@ -101,7 +101,8 @@ def trl_batch(trainer, dataset=None) -> dict[str, Any]:
 
 
 def trl_step(trainer, batch: dict[str, Any]) -> dict[str, float]:
-    """TRL's loss on ``batch`` in training mode and the metrics its ``log`` reports for it: ``{"loss": ..., name: ...}``.
+    """TRL's loss on ``batch`` in training mode and the metrics its ``log`` reports for it:
+    ``{"loss": ..., name: ...}``.
 
     The metrics go through the trainer's own ``log`` (each TRL trainer reduces its stored metrics there), which also
     clears them, so the trainer can be reused for another step (e.g. after changing its loss settings).

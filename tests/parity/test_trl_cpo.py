@@ -38,7 +38,8 @@ CASES = {
     "hinge": {"loss_type": "hinge", "beta": 0.05, "cpo_alpha": 2.0},
     "ipo": {"loss_type": "ipo", "beta": 0.3},
     "simpo": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.3, "cpo_alpha": 0.0},
-    "simpo-smoothed-nll": {"loss_type": "simpo", "beta": 2.5, "simpo_gamma": 0.8, "label_smoothing": 0.2, "cpo_alpha": 0.4},
+    "simpo-smoothed-nll": {"loss_type": "simpo", "beta": 2.5, "simpo_gamma": 0.8, "label_smoothing": 0.2,
+                           "cpo_alpha": 0.4},
     "alphapo": {"loss_type": "alphapo", "beta": 2.0, "simpo_gamma": 0.25, "alpha": 0.3},
 }
 
@@ -76,7 +77,7 @@ def test_standard_rows_tokenize_as_trl(tmp_path, tok):
     dm = PreferenceDataModule(rows, tokenizer=tok)
     dm.setup("fit")
     assert len(dm.train_dataset) == len(trainer.train_dataset) == len(rows)
-    for i, (ex, theirs) in enumerate(zip(dm.train_dataset.examples, trainer.train_dataset)):
+    for i, (ex, theirs) in enumerate(zip(dm.train_dataset.to_list(), trainer.train_dataset)):
         for side in ("chosen", "rejected"):
             assert ex["prompt_ids"] + ex[f"{side}_ids"] == theirs[f"{side}_input_ids"], (i, side)
             labels = theirs[f"{side}_labels"]

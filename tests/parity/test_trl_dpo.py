@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
     data = PreferenceDataModule(rows, tokenizer=tok, batch_size=len(rows), shuffle=False)
     data.setup("fit")
     return {"tok": tok, "rows": rows, "policy": policy, "reference": reference, "trainer": trainer,
-            "trl_batch": trl_batch(trainer), "batch": data.collate(data.train_dataset.examples)}
+            "trl_batch": trl_batch(trainer), "batch": data.collate(data.train_dataset.to_list())}
 
 
 _RESULTS: dict[str, tuple[dict, dict]] = {}
@@ -122,7 +122,7 @@ def run_both(setup, case: dict) -> tuple[dict, dict]:
 def test_batches_are_identical(setup):
     """Same tokenization and collation as TRL, so every difference below would come from the loss side."""
     for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(setup["batch"][key], setup["trl_batch"][key]), key
+        assert torch.equal(getattr(setup["batch"].sequences, key), setup["trl_batch"][key]), key
 
 
 def test_the_set_up_is_not_degenerate(setup):
@@ -132,7 +132,7 @@ def test_the_set_up_is_not_degenerate(setup):
     assert abs(ours["rewards/chosen"]) > 1e-3 and abs(ours["rewards/rejected"]) > 1e-3
     assert abs(ours["rewards/margins"]) > 1e-4
     assert 0.0 < ours["rewards/accuracies"] < 1.0
-    chosen_len, rejected_len = setup["batch"]["completion_mask"].sum(1).chunk(2)
+    chosen_len, rejected_len = setup["batch"].sequences.completion_mask.sum(1).chunk(2)
     assert (chosen_len != rejected_len).sum() >= 4
 
 
@@ -171,4 +171,4 @@ def test_logged_first_step_matches_trl(setup):
     quiet_trainer(max_steps=1, callbacks=[steps]).fit(module, data)
     assert_metrics_close(steps.steps[0], theirs, PAIR_METRICS + TOKEN_METRICS, context="fit")
     # TRL's num_tokens is cumulative (and this trainer has run many cases): check ours against the batch itself
-    assert steps.steps[0]["num_tokens"] == setup["batch"]["attention_mask"].sum().item()
+    assert steps.steps[0]["num_tokens"] == setup["batch"].sequences.attention_mask.sum().item()

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset
-from helpers import StepMetrics, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
+from helpers import StepMetrics, as_dict, perturbed_policy_model, quiet_trainer, sample_rows, sgd, sharp_reference_model
 
 from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 from lightning_llm.models import tiny_model, tiny_tokenizer
@@ -63,7 +63,8 @@ def trl_batch_metrics(trainer, batch):
     return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
-def assert_same_batch(ours: dict, theirs: dict) -> None:
+def assert_same_batch(ours, theirs: dict) -> None:
+    ours = as_dict(ours)
     for key, value in theirs.items():
         assert torch.equal(ours[key.replace("KL_", "kl_")], value), key
 
@@ -74,7 +75,7 @@ def test_prepared_examples_match_trl(tmp_path, tok, sample):
     rows = sample_rows(sample)
     trainer = kto_trainer(tmp_path, tok, rows, batch_size=4, policy=tiny_model("tiny-llama"),
                           ref=tiny_model("tiny-llama"))
-    ours = our_data(tok, rows, batch_size=4).train_dataset.examples
+    ours = our_data(tok, rows, batch_size=4).train_dataset.to_list()
     theirs = trainer.train_dataset
     assert len(ours) == len(theirs)
     for i, (ex, row) in enumerate(zip(ours, theirs)):
@@ -101,7 +102,7 @@ def test_first_step_matches_trl(tmp_path, tok, case):
     trl_loss, trl_metrics = trl_batch_metrics(trainer, trl_batch)
 
     dm = our_data(tok, rows, batch_size=len(rows), kl_pairs=config["loss_type"] == "kto")
-    assert_same_batch(dm.collate(dm.train_dataset.examples), {
+    assert_same_batch(dm.collate(dm.train_dataset.to_list()), {
         k: v for k, v in trl_batch.items() if config["loss_type"] == "kto" or not k.startswith("KL_")})
     module = KTOModule(policy_model(), tokenizer=tok, ref_model=reference_model(), optimizer=sgd(1e-3), **config)
     steps = StepMetrics()
@@ -153,7 +154,7 @@ def test_precomputed_reference_matches_trl(tmp_path, tok):
     steps = StepMetrics()
     quiet_trainer(max_steps=1, callbacks=[steps]).fit(module, dm)
     assert module.ref_model is None  # released after the precompute
-    examples = dm.train_dataset.examples
+    examples = dm.train_dataset.to_list()
     assert [ex["ref_logps"] for ex in examples] == pytest.approx(dataset["ref_logps"], abs=1e-4)
     assert [ex["ref_kl_logps"] for ex in examples] == pytest.approx(dataset["ref_KL_logps"], abs=1e-4)
     assert steps.steps[0]["loss"] == pytest.approx(trl_loss, abs=1e-4)

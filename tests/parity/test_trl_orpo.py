@@ -57,7 +57,7 @@ def orpo_trainer(tmp_path, tok, rows, model, **config):
 def our_examples(tok, rows, **kwargs):
     dm = PreferenceDataModule(rows, tokenizer=tok, batch_size=len(rows), **kwargs)
     dm.setup("fit")
-    return dm.train_dataset.examples
+    return dm.train_dataset.to_list()
 
 
 def trl_first_step(trainer):

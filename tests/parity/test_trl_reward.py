@@ -51,7 +51,7 @@ def trainers(tok, tmp_path_factory):
 def our_batch(tok, with_margin: bool) -> dict:
     data = PreferenceDataModule(rows(with_margin), tokenizer=tok, batch_size=len(MARGINS), shuffle=False)
     data.setup("fit")
-    return data.collate(data.train_dataset.examples)
+    return data.collate(data.train_dataset.to_list())
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
@@ -63,9 +63,9 @@ def test_first_step_matches_trl(tok, trainers, preset, with_margin, center):
     trl_inputs = trl_batch(trainer)
     batch = our_batch(tok, with_margin)
     for key in ("input_ids", "attention_mask"):  # TRL tokenizes prompt + completion whole; so do we
-        assert torch.equal(batch[key], trl_inputs[key]), key
+        assert torch.equal(getattr(batch.sequences, key), trl_inputs[key]), key
     if with_margin:
-        assert torch.equal(batch["margin"], trl_inputs["margin"])
+        assert torch.equal(batch.margin, trl_inputs["margin"])
     theirs = trl_step(trainer, copy.copy(trl_inputs))  # TRL adds use_cache to its inputs
     module = RewardModule(tiny_model(preset, task="sequence_classification", num_labels=1), tokenizer=tok,
                           center_rewards_coefficient=center)

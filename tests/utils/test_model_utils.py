@@ -7,9 +7,8 @@ import logging
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
-
 from sharded_param_count_worker import sharded_count_worker
+from torch import nn
 
 from lightning_llm.models import tiny_model
 from lightning_llm.utils.model import (

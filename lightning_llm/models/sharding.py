@@ -1,6 +1,6 @@
 """Reading and writing whole parameter values under every strategy Lightning offers.
 
-Callbacks that average or mix weights (BEMA, TR-DPO reference syncing, merging) need each parameter's full value.
+Code that averages or mixes weights (BEMA, TR-DPO reference syncing, merging) needs each parameter's full value.
 Under DDP and on one device a parameter *is* its full value. Under sharding it is not:
 
 - FSDP2 (``ModelParallelStrategy``): parameters are ``DTensor``s; ``full_tensor()`` gathers one, and a full value is

@@ -5,6 +5,9 @@ Cohere-style models multiply by a ``logit_scale``, Gemma-2/3 soft-cap with ``sof
 (Gemma 2 report, Team Gemma 2024), and sampling divides by a ``temperature``. :class:`LogitTransform` applies
 them in that order and back-propagates through them, so the chunked torch path, the Triton path and the eager
 reference agree by construction.
+
+It lives with the kernels (which take its plain fields) in a module that does not import Triton, so that the torch
+paths of :mod:`lightning_llm.ops` import it from below.
 """
 
 from __future__ import annotations

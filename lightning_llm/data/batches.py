@@ -1,0 +1,175 @@
+"""Typed batches: what a data module's ``collate`` hands to a module, one small frozen dataclass per kind.
+
+A module reads a batch's attributes and never probes for keys: whether a batch is padded or padding-free, and
+whether it carries precomputed reference log-probs, is stated by its fields (``None`` when absent).
+
+=================  ============================================================  ==============================
+batch              holds                                                         made by
+=================  ============================================================  ==============================
+``LMBatch``        ``input_ids`` and next-token ``labels`` (``-100`` = no loss)   ``SFTDataModule``
+``CompletionBatch``  ``R`` prompt+completion sequences and their completion mask  (inside the two below)
+``PairBatch``      ``2B`` sequences, chosen rows first; margins; reference logps  ``PreferenceDataModule``
+``UnpairedBatch``  ``B`` sequences with a desirable/undesirable label; the         ``UnpairedPreferenceDataModule``
+                   mismatched KL sequences; reference logps
+``StepBatch``      ``input_ids`` and a class per token (``-100`` = unlabelled)     ``StepwiseDataModule``
+=================  ============================================================  ==============================
+
+Layouts: *padded* batches are ``[R, T]`` right-padded with an ``attention_mask``; *padding-free* ones are one row
+``[1, N]`` of every sequence back to back with ``position_ids`` restarting at 0 at each sequence start (and, for
+completion batches, ``seq_index``: the sequence of each token, ``-1`` on padding).
+
+Every batch has ``to(device)`` returning a new instance: Lightning moves any object with a ``to`` method, and a
+frozen dataclass cannot be changed in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+#: label of a token that carries no loss (PyTorch's cross-entropy default)
+IGNORE_INDEX = -100
+
+_B = TypeVar("_B", bound="Batch")
+
+
+class Batch:
+    """What every typed batch shares: moving its tensors (and nested batches) returns a new batch."""
+
+    def to(self: _B, device: torch.device | str, non_blocking: bool = False) -> _B:
+        """The same batch with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self: _B) -> _B:
+        """The same batch in pinned host memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self: _B, function) -> _B:
+        changes = {}
+        for field in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                changes[field.name] = function(value)
+            elif isinstance(value, Batch):
+                changes[field.name] = value._map(function)
+        return replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class LMBatch(Batch):
+    """Language-modelling batch: ``labels[:, t]`` is the target of position ``t - 1`` (``-100``: no loss).
+
+    Padded: ``input_ids``, ``labels``, ``attention_mask`` of shape ``[B, T]``. Padding-free: ``[1, N]`` with
+    ``position_ids`` and no attention mask; ``num_real_tokens`` then counts the tokens that are not padding.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Tensor | None = None
+    position_ids: Tensor | None = None
+    num_real_tokens: int | None = None
+
+    @property
+    def padding_free(self) -> bool:
+        return self.position_ids is not None
+
+    def num_tokens(self) -> Tensor:
+        """Tokens fed to the model, padding excluded."""
+        if self.attention_mask is not None:
+            return self.attention_mask.sum()
+        count = self.input_ids.numel() if self.num_real_tokens is None else self.num_real_tokens
+        return torch.tensor(float(count), device=self.input_ids.device)
+
+
+@dataclass(frozen=True)
+class CompletionBatch(Batch):
+    """``num_sequences`` prompt+completion sequences, scored on their completion tokens.
+
+    ``completion_mask`` is 1 on completion tokens (in the padding-free layout, 0 on each sequence's first token,
+    which no token of the same sequence predicts).
+    """
+
+    input_ids: Tensor
+    completion_mask: Tensor
+    num_sequences: int
+    attention_mask: Tensor | None = None
+    position_ids: Tensor | None = None
+    seq_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.attention_mask is None) == (self.seq_index is None):
+            raise ValueError("a CompletionBatch is either padded (attention_mask) or padding-free (position_ids and "
+                             "seq_index), not both or neither")
+
+    @property
+    def padding_free(self) -> bool:
+        return self.seq_index is not None
+
+    def num_tokens(self) -> Tensor:
+        """Tokens fed to the model, padding excluded."""
+        if self.attention_mask is not None:
+            return self.attention_mask.sum()
+        return (self.seq_index >= 0).sum()
+
+    def first_half_tokens(self) -> Tensor:
+        """Bool mask of the real tokens of the first ``num_sequences // 2`` sequences (the chosen side of pairs)."""
+        half = self.num_sequences // 2
+        if self.seq_index is not None:
+            return (self.seq_index >= 0) & (self.seq_index < half) & (self.position_ids > 0)
+        real = self.attention_mask.bool()
+        rows = torch.arange(real.shape[0], device=real.device) < half
+        return real & rows[:, None]
+
+
+@dataclass(frozen=True)
+class PairBatch(Batch):
+    """Preference pairs: ``sequences`` holds the ``B`` chosen sequences, then the ``B`` rejected ones (rows ``i`` and
+    ``B + i`` are one pair). ``margin`` and the precomputed reference log-probs are ``[B]`` float32, or ``None``."""
+
+    sequences: CompletionBatch
+    margin: Tensor | None = None
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.sequences.num_sequences // 2
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logps is not None and self.ref_rejected_logps is not None
+
+    def num_tokens(self) -> Tensor:
+        return self.sequences.num_tokens()
+
+
+@dataclass(frozen=True)
+class UnpairedBatch(Batch):
+    """Unpaired feedback: ``B`` sequences with ``label`` (bool ``[B]``, True = desirable); ``kl_sequences`` pairs each
+    prompt with another example's completion (KTO's KL estimate), or is ``None``. Precomputed reference log-probs of
+    both are ``[B]`` float32, or ``None``."""
+
+    sequences: CompletionBatch
+    label: Tensor
+    kl_sequences: CompletionBatch | None = None
+    ref_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+
+    def num_tokens(self) -> Tensor:
+        return self.sequences.num_tokens()
+
+
+@dataclass(frozen=True)
+class StepBatch(Batch):
+    """Stepwise supervision: ``labels[:, t]`` is the class of token ``t`` (1 correct step, 0 incorrect, ``-100``
+    unlabelled), right-padded ``[B, T]``."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def num_tokens(self) -> Tensor:
+        return self.attention_mask.sum()
