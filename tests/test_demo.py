@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightning_llm.demo import DemoSettings, main, run
 
 
+@pytest.mark.slow
 def test_demo_writes_checkpoints_exports_curves_and_summary(tmp_path, capsys):
     settings = DemoSettings(sft_steps=4, reward_steps=3, dpo_steps=3, num_samples=4)
     summary = run(str(tmp_path), settings)

@@ -252,6 +252,12 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
     def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
         """Tokenize one validated row; return ``None`` to drop it (after ``report.drop(reason, index)``)."""
 
+    def encode_batch(self, rows: list[dict], fmt: DataFormat, indices: list[int], notes: list[RowNotes]
+                     ) -> list[dict | None]:
+        """Encode validated rows (one batch of the preparation ``map``): one :meth:`encode` each by default; modules
+        whose encoding is mostly tokenization override it to tokenize the whole batch in one call."""
+        return [self.encode(row, fmt, index, report) for row, index, report in zip(rows, indices, notes)]
+
     @abc.abstractmethod
     def collate(self, examples: list[dict]) -> Batch:
         """Turn a list of encoded examples into a typed batch."""
@@ -422,16 +428,15 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         columns = list(batch)
         keys = [key for key in self._feature_names(fmt, columns) if key not in (_DROP, _TRUNCATED)]
         out: dict[str, list] = {key: [] for key in keys}
-        out[_DROP], out[_TRUNCATED] = [], []
-        for position, index in enumerate(indices):
-            row = plain_row({column: batch[column][position] for column in columns})
+        rows = [plain_row({column: batch[column][position] for column in columns}) for position in range(len(indices))]
+        for row, index in zip(rows, indices):
             validate_row(row, fmt, name, index)
-            notes = RowNotes(name)
-            example = self.encode(row, fmt, index, notes)
-            for key in keys:
-                out[key].append(None if example is None else example.get(key))
-            out[_DROP].append((notes.dropped or "dropped") if example is None else "")
-            out[_TRUNCATED].append(notes.truncated and example is not None)
+        notes = [RowNotes(name) for _ in rows]
+        examples = self.encode_batch(rows, fmt, list(indices), notes)
+        for key in keys:
+            out[key] = [None if example is None else example.get(key) for example in examples]
+        out[_DROP] = [(note.dropped or "dropped") if example is None else "" for example, note in zip(examples, notes)]
+        out[_TRUNCATED] = [note.truncated and example is not None for example, note in zip(examples, notes)]
         return out
 
     def _feature_names(self, fmt: DataFormat, columns: Sequence[str]) -> list[str]:
@@ -471,9 +476,9 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         def encode(block: list[dict], indices: list[int]) -> list[dict]:
             report = self.reports[name]
             examples = []
-            for row, index in zip(block, indices):
-                notes = RowNotes(name)
-                example = self.encode(plain_row(row), fmt, index, notes)
+            notes_of = [RowNotes(name) for _ in block]
+            encoded = self.encode_batch([plain_row(row) for row in block], fmt, list(indices), notes_of)
+            for example, index, notes in zip(encoded, indices, notes_of):
                 report.rows += 1
                 if example is None:
                     report.drop(notes.dropped or "dropped", index)
@@ -607,12 +612,18 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         key = fingerprint("scores", dataset._fingerprint, columns, identity)
         directory = (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()) / "scores"
         path = directory / f"{key}.npy"
-        if path.is_file():
-            values = np.load(path)
+        rank, world_size = self._process()
+        # Rank 0 decides and, on a hit, hands its copy to the others (whose disks may not hold the file).
+        cached = path.is_file()
+        if world_size > 1:
+            cached = self.trainer.strategy.broadcast(cached, src=0)
+        if cached:
+            values = np.load(path) if rank == 0 else None
+            if world_size > 1:
+                values = self.trainer.strategy.broadcast(values, src=0)
             log.info("Loaded precomputed %s from %s", ", ".join(columns), path)
         else:
             values = self._score_all(dataset, score, columns, batch_size)
-            rank, _ = self._process()
             if rank == 0:
                 import io
 
@@ -621,7 +632,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
                 buffer = io.BytesIO()
                 np.save(buffer, values)
                 atomic_write_bytes(path, buffer.getvalue())
-            if self.trainer is not None and self.trainer.world_size > 1:
+            if world_size > 1:
                 self.trainer.strategy.barrier("precompute_reference")
         if values.shape != (len(dataset), len(columns)):
             raise ValueError(f"cached scores {path} have shape {values.shape}, expected {(len(dataset), len(columns))}")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from lightning_llm.data.base import LLMDataModule, RowNotes
 from lightning_llm.data.batches import PairBatch
-from lightning_llm.data.chat import common_prefix_length, render_ids, text_ids
+from lightning_llm.data.chat import common_prefix_length, sequence_ids
 from lightning_llm.data.collate import collate_completions, float_column
 from lightning_llm.data.formats import DataFormat
 
@@ -60,20 +60,30 @@ def pair_parts(row: dict, name: str, index: int) -> tuple[Any, Any, Any]:
     return prompt, chosen, rejected
 
 
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[Any, Any, Any, list | None]]) -> list[dict[str, list]]:
+    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of each ``(prompt, chosen, rejected, tools)``, tokenized in
+    one call: the completions start where the tokenized prompt and both tokenized prompt+completion sequences stop
+    agreeing (TRL's convention), so ``prompt_ids + chosen_ids`` is exactly the tokenized prompt+chosen."""
+    items = []
+    for prompt, chosen, rejected, tools in pairs:
+        if isinstance(prompt, str):
+            items += [(prompt, False, None), (prompt + chosen, False, None), (prompt + rejected, False, None)]
+        else:
+            items += [(prompt, True, tools), (list(prompt) + list(chosen), False, tools),
+                      (list(prompt) + list(rejected), False, tools)]
+    ids = sequence_ids(tokenizer, items)
+    out = []
+    for k in range(len(pairs)):
+        prompt_ids, chosen_full, rejected_full = ids[3 * k: 3 * k + 3]
+        start = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
+        out.append({"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_full[start:],
+                    "rejected_ids": rejected_full[start:]})
+    return out
+
+
 def tokenize_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, tools: list | None = None) -> dict[str, list]:
-    """``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the completions start where the tokenized prompt and both
-    tokenized prompt+completion sequences stop agreeing (TRL's convention), so ``prompt_ids + chosen_ids`` is exactly
-    the tokenized prompt+chosen."""
-    if isinstance(prompt, str):
-        prompt_ids = text_ids(tokenizer, prompt)
-        chosen_full = text_ids(tokenizer, prompt + chosen)
-        rejected_full = text_ids(tokenizer, prompt + rejected)
-    else:
-        prompt_ids = render_ids(tokenizer, prompt, add_generation_prompt=True, tools=tools)
-        chosen_full = render_ids(tokenizer, list(prompt) + list(chosen), tools=tools)
-        rejected_full = render_ids(tokenizer, list(prompt) + list(rejected), tools=tools)
-    start = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    return {"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_full[start:], "rejected_ids": rejected_full[start:]}
+    """:func:`tokenize_pairs` of one pair."""
+    return tokenize_pairs(tokenizer, [(prompt, chosen, rejected, tools)])[0]
 
 
 def present_columns(dataset: Any, columns: Sequence[str]) -> set[str]:
@@ -127,30 +137,39 @@ class PreferenceDataModule(LLMDataModule):
         return dataset
 
     def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
+        return self.encode_batch([row], fmt, [index], [report])[0]
+
+    def encode_batch(self, rows: list[dict], fmt: DataFormat, indices: list[int], notes: list[RowNotes]
+                     ) -> list[dict | None]:
         tok = self.tokenizer
-        name = report.split
-        for column in sorted(self._present.get(name, ())):
-            # A row without the prompt (or margin) its neighbours have is an error, not another format: left alone,
-            # a missing prompt would be re-derived as the implicit shared prefix, and a missing margin would break
-            # (or silently drop the margins of) whatever batch it lands in.
-            if row.get(column) is None:
-                raise ValueError(f"{name}: row {index}, column {column!r}: missing value (other rows give one; give "
-                                 f"every row a {column}, or none)")
-        prompt, chosen, rejected = pair_parts(row, name, index)
-        if not fmt.conversational:
-            chosen = chosen if chosen.endswith(tok.eos_token) else chosen + tok.eos_token
-            rejected = rejected if rejected.endswith(tok.eos_token) else rejected + tok.eos_token
-        example = tokenize_pair(tok, prompt, chosen, rejected, tools=row.get("tools"))
-        for column in ("chosen", "rejected"):
-            if not example[f"{column}_ids"]:
-                raise ValueError(f"{name}: row {index}, column {column!r}: the completion has no token of its own")
-        if row.get("margin") is not None:
-            example["margin"] = float(row["margin"])
-        prompt_len = len(example["prompt_ids"])
-        longest = prompt_len + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
-        if not self.fits(longest, name, index, "chosen'/'rejected", report, prompt_length=prompt_len):
-            return None
-        return example
+        pairs = []
+        for row, index, report in zip(rows, indices, notes):
+            name = report.split
+            for column in sorted(self._present.get(name, ())):
+                # A row without the prompt (or margin) its neighbours have is an error, not another format: left
+                # alone, a missing prompt would be re-derived as the implicit shared prefix, and a missing margin
+                # would break (or silently drop the margins of) whatever batch it lands in.
+                if row.get(column) is None:
+                    raise ValueError(f"{name}: row {index}, column {column!r}: missing value (other rows give one; "
+                                     f"give every row a {column}, or none)")
+            prompt, chosen, rejected = pair_parts(row, name, index)
+            if not fmt.conversational:
+                chosen = chosen if chosen.endswith(tok.eos_token) else chosen + tok.eos_token
+                rejected = rejected if rejected.endswith(tok.eos_token) else rejected + tok.eos_token
+            pairs.append((prompt, chosen, rejected, row.get("tools")))
+        out: list[dict | None] = []
+        for row, index, report, example in zip(rows, indices, notes, tokenize_pairs(tok, pairs)):
+            name = report.split
+            for column in ("chosen", "rejected"):
+                if not example[f"{column}_ids"]:
+                    raise ValueError(f"{name}: row {index}, column {column!r}: the completion has no token of its own")
+            if row.get("margin") is not None:
+                example["margin"] = float(row["margin"])
+            prompt_len = len(example["prompt_ids"])
+            longest = prompt_len + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+            fits = self.fits(longest, name, index, "chosen'/'rejected", report, prompt_length=prompt_len)
+            out.append(example if fits else None)
+        return out
 
     def collate(self, examples: list[dict]) -> PairBatch:
         ids, masks = [], []

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from lightning_llm.data.base import LLMDataModule, RowNotes
 from lightning_llm.data.batches import UnpairedBatch
-from lightning_llm.data.chat import common_prefix_length, render_ids, text_ids
+from lightning_llm.data.chat import common_prefix_length, sequence_ids
 from lightning_llm.data.collate import collate_completions, float_column
 from lightning_llm.data.formats import DataFormat, detect_format, validate_row
 from lightning_llm.data.preference import pair_parts
@@ -103,23 +103,33 @@ class UnpairedPreferenceDataModule(LLMDataModule):
         return datasets.concatenate_datasets(sides)
 
     def encode(self, row: dict, fmt: DataFormat, index: int, report: RowNotes) -> dict | None:
+        return self.encode_batch([row], fmt, [index], [report])[0]
+
+    def encode_batch(self, rows: list[dict], fmt: DataFormat, indices: list[int], notes: list[RowNotes]
+                     ) -> list[dict | None]:
         tok = self.tokenizer
-        name = report.split
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, str):
-            if not completion.endswith(tok.eos_token):
-                completion = completion + tok.eos_token
-            prompt_ids = text_ids(tok, prompt)
-            full = text_ids(tok, prompt + completion)
-        else:
-            prompt_ids = render_ids(tok, prompt, add_generation_prompt=True, tools=row.get("tools"))
-            full = render_ids(tok, list(prompt) + list(completion), tools=row.get("tools"))
-        start = common_prefix_length(prompt_ids, full)
-        if start == len(full):
-            raise ValueError(f"{name}: row {index}, column 'completion': the completion has no token of its own")
-        if not self.fits(len(full), name, index, "completion", report, prompt_length=start):
-            return None
-        return {"prompt_ids": prompt_ids[:start], "completion_ids": full[start:], "label": bool(row["label"])}
+        items = []
+        for row in rows:
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(prompt, str):
+                if not completion.endswith(tok.eos_token):
+                    completion = completion + tok.eos_token
+                items += [(prompt, False, None), (prompt + completion, False, None)]
+            else:
+                items += [(prompt, True, row.get("tools")), (list(prompt) + list(completion), False, row.get("tools"))]
+        ids = sequence_ids(tok, items)
+        out: list[dict | None] = []
+        for k, (row, index, report) in enumerate(zip(rows, indices, notes)):
+            prompt_ids, full = ids[2 * k], ids[2 * k + 1]
+            start = common_prefix_length(prompt_ids, full)
+            if start == len(full):
+                raise ValueError(f"{report.split}: row {index}, column 'completion': the completion has no token of "
+                                 "its own")
+            if not self.fits(len(full), report.split, index, "completion", report, prompt_length=start):
+                out.append(None)
+                continue
+            out.append({"prompt_ids": prompt_ids[:start], "completion_ids": full[start:], "label": bool(row["label"])})
+        return out
 
     def preparation_settings(self) -> dict[str, Any]:
         return {**super().preparation_settings(), "kl_pairs": self.kl_pairs}

@@ -68,12 +68,12 @@ def model_name(model: ModelLike) -> str:
 
 
 def model_spec(model: PreTrainedModel) -> ModelSpec:
-    """What rebuilds ``model``'s architecture (with fresh weights): ``{"config": its config as a dict}``.
+    """What rebuilds ``model``'s architecture (with fresh weights): ``{"config": its config as JSON data}``.
 
     A module built from a model object stores this in its hyperparameters; ``load_from_checkpoint`` then rebuilds the
     architecture and loads the trained weights from the checkpoint.
     """
-    return {"config": model.config.to_dict()}
+    return {"config": json.loads(model.config.to_json_string(use_diff=False))}
 
 
 def _from_spec(spec: ModelSpec, task: str, dtype: torch.dtype | None, num_labels: int | None) -> PreTrainedModel:

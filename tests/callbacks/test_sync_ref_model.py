@@ -91,6 +91,7 @@ def test_callback_syncs_every_n_steps_during_fit():
     assert not any(p.requires_grad for p in module.ref_model.parameters())
 
 
+@pytest.mark.slow
 def test_ddp_ranks_end_with_identical_mixed_references(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     env.pop("MASTER_PORT", None)
@@ -121,6 +122,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_parameters_mix_and_gather_exactly(tmp_path):
     out_file = tmp_path / "ok"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]))

@@ -43,6 +43,7 @@ def test_tiny_config_fits(config, tmp_path):
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["loss"])))
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     config = CONFIGS / "sft" / "tiny.yaml"
     out = subprocess.run(
@@ -75,6 +76,7 @@ def test_data_takes_the_module_tokenizer_by_default(tmp_path):
     assert cli.datamodule.tokenizer is cli.model.tokenizer
 
 
+@pytest.mark.slow
 def test_bad_argument_is_reported(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lightning_llm.cli", "fit", "--config", str(CONFIGS / "dpo" / "tiny.yaml"),
@@ -84,6 +86,7 @@ def test_bad_argument_is_reported(tmp_path):
     assert "not_a_loss" in out.stderr
 
 
+@pytest.mark.slow
 def test_validate_from_a_checkpoint(tmp_path):
     config = str(CONFIGS / "sft" / "tiny.yaml")
     fast = [a for a in _fast(tmp_path, steps=2) if "enable_checkpointing" not in a]

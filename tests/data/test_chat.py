@@ -192,3 +192,17 @@ def test_conversational_prompt_completion_masks(tok):
 def test_prompt_and_completion_must_have_the_same_type(tok):
     with pytest.raises(ValueError, match="both be strings or both be conversations"):
         tokenize_prompt_completion(tok, "Q:", [{"role": "assistant", "content": "A"}])
+
+
+def test_sequence_ids_equal_the_one_at_a_time_tokenization(tok):
+    from lightning_llm.data.chat import render_ids, sequence_ids, text_ids
+
+    items = [("Blood is red.", False, None), (MULTI, False, None), (MULTI[:1], True, None),
+             ("<|im_start|>user\nHi<|im_end|>", False, None)]
+    expected = [text_ids(tok, items[0][0]), render_ids(tok, MULTI),
+                render_ids(tok, MULTI[:1], add_generation_prompt=True), text_ids(tok, items[3][0])]
+    assert sequence_ids(tok, items) == expected
+    # a tokenizer whose backend truncates goes through the tokenizer's own call, which does not truncate here
+    truncating = copy.deepcopy(tok)
+    truncating.backend_tokenizer.enable_truncation(3)
+    assert sequence_ids(truncating, items) == expected

@@ -60,6 +60,7 @@ def test_scores_match_hand_likelihoods_loaded_by_path(saved_judge_model: Path) -
     assert judge.judge(PROMPTS, PAIRS, shuffle_order=False) == [0 if p >= 0.5 else 1 for p in expected]
 
 
+@pytest.mark.slow
 def test_order_flips_map_back_to_the_original_order(saved_judge_model: Path) -> None:
     judge = HfPairwiseJudge(str(saved_judge_model), batch_size=4, device="cpu", seed=5)
     as_given = [_hand_first_better(saved_judge_model, p, pair) for p, pair in zip(PROMPTS, PAIRS)]

@@ -202,6 +202,23 @@ def test_load_from_checkpoint_round_trip(tok, tmp_path):
     assert torch.equal(eval_logps(reloaded, tok), trained)
 
 
+def test_a_module_of_a_model_object_restores_from_its_checkpoint_alone(tok, tmp_path):
+    """A model given as an object is saved as the spec of its architecture: load_from_checkpoint rebuilds it and
+    loads the trained weights (not a preset, not random weights), with the tokenizer it was trained with."""
+    model = tiny_model("tiny-qwen2")  # not the tiny-llama of the old default
+    module = SFTModule(model, tokenizer=tok, learning_rate=1e-2)
+    trainer = short_fit(module, tmp_path)
+    path = tmp_path / "object.ckpt"
+    trainer.save_checkpoint(path)
+    assert module.hparams["model"]["config"]["model_type"] == "qwen2"
+    reloaded = SFTModule.load_from_checkpoint(path)
+    assert type(reloaded.model).__name__ == "Qwen2ForCausalLM"
+    assert reloaded.tokenizer.name_or_path == tok.name_or_path
+    trained = eval_logps(module, tok)
+    assert torch.equal(eval_logps(reloaded, tok), trained)
+    assert not torch.equal(eval_logps(SFTModule(tiny_model("tiny-qwen2"), tokenizer=tok), tok), trained)
+
+
 def test_hf_export_reloads_with_auto_classes(tok, tmp_path):
     export = tmp_path / "export"
     module = SFTModule("tiny-qwen2", learning_rate=1e-2, export_dir=str(export))

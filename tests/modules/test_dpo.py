@@ -69,6 +69,7 @@ def test_loss_by_hand(tok, policy, loss_type):
     assert abs(metrics["rewards/margins"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_learns_on_the_tiny_preset(tok):
     """25 AdamW steps at lr 1e-3 on 8 pairs: the loss falls, the reward margin and accuracy rise."""
     torch.manual_seed(0)

@@ -143,6 +143,7 @@ def test_kto_needs_kl_pairs_and_batches_over_one(tok):
     assert module.trainer.global_step == 1
 
 
+@pytest.mark.slow
 def test_learns(tok):
     """20 AdamW steps at lr 1e-3: desirable rewards rise above undesirable ones and the loss falls."""
     rows = sample_rows("unpaired_preference", 12)

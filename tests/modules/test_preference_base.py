@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import StepMetrics, constant_lr, flushed, perturb_, quiet_trainer, reference_nll_sum, sample_rows, sgd
 
-from lightning_llm import DPOModule, PreferenceDataModule
+from lightning_llm import CPOModule, DPOModule, ORPOModule, PreferenceDataModule
 from lightning_llm.data.batches import CompletionBatch
 from lightning_llm.models import tiny_model, tiny_tokenizer
 from lightning_llm.modules.preference import REF_PREFIX, unflatten_tokens
@@ -266,6 +266,27 @@ def test_checkpoints_of_model_objects_leave_out_the_reference(tok, policy, tmp_p
                                               tokenizer=tok)
     assert all(torch.equal(p, q) for p, q in zip(restored.model.parameters(), module.model.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(restored.model.parameters(), policy.parameters()))
+
+
+def test_a_reference_copied_from_a_model_object_must_be_given_again(tok, policy, tmp_path):
+    module = DPOModule(copy.deepcopy(policy), tokenizer=tok, optimizer=sgd(0.5), scheduler=constant_lr)
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, PreferenceDataModule(sample_rows("preference", 4), batch_size=4))
+    path = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(path)
+    words = r"reference \(a frozen copy of the initial policy\) is not saved .* ref_model="
+    with pytest.raises(ValueError, match=words):
+        DPOModule.load_from_checkpoint(path)
+    restored = DPOModule.load_from_checkpoint(path, ref_model=copy.deepcopy(policy))
+    assert all(torch.equal(p, q) for p, q in zip(restored.model.parameters(), module.model.parameters()))
+
+
+@pytest.mark.parametrize("cls", [ORPOModule, CPOModule])
+@pytest.mark.parametrize("kwargs", [{"ref_model": "tiny-llama"}, {"precompute_ref_log_probs": True},
+                                    {"sync_ref_model": True}, {"ref_model_sync_steps": 8}])
+def test_reference_free_modules_refuse_reference_arguments(cls, kwargs):
+    with pytest.raises(ValueError, match=rf"{cls.__name__} is reference-free: {next(iter(kwargs))} would not be used"):
+        cls("tiny-llama", **kwargs)
 
 
 def test_sync_ref_model_keeps_the_reference_in_checkpoints(tok):

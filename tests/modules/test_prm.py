@@ -102,6 +102,7 @@ class LossHistory(L.Callback):
         self.losses.append(float(trainer.callback_metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_learns_and_logs_trl_metrics(rows):
     """30 steps on 16 sample rows (15 epochs): the training loss falls, and so does the loss on those rows."""
     module = PRMModule("tiny-llama", learning_rate=3e-3)

@@ -45,6 +45,7 @@ def prepared_examples(rows, **kwargs):
     return list(dm.train_dataset)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_sft_trains_and_first_loss_is_the_hand_value(loss_type):
     rows = sample_rows("messages", 64)
@@ -114,6 +115,7 @@ class GradCapture(L.Callback):
             self.grads = torch.cat([p.grad.double().flatten() for p in pl_module.model.parameters()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss_type, impl", [("nll", "chunked"), ("dft", "chunked"), ("nll", "triton"), ("dft", "eager")]
 )
@@ -133,6 +135,7 @@ def test_fused_loss_gives_the_unfused_gradients(loss_type, impl):
     assert (grads[True] - grads[False]).abs().max() <= 1e-5 * grads[False].abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse_loss", [False, True])
 def test_triton_fused_gemm_tiles_give_the_chunked_gradients(fuse_loss):
     # logprob_tiles reaches the Triton path from the module (here under the interpreter): same gradients
