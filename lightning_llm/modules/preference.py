@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_llm.data.batches import Batch, CompletionBatch, PairBatch
+from lightning_llm.data.batches import IGNORE_INDEX, Batch, CompletionBatch, PairBatch
 from lightning_llm.models.loading import load_model, model_spec
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
 from lightning_llm.models.reference import ReferenceSync
@@ -270,7 +270,7 @@ class PreferenceModule(LLMModule, abc.ABC):
         to_score = completion_mask
         if score_chosen_prompts:
             to_score = completion_mask | sequences.first_half_tokens()
-        labels = sequences.input_ids.masked_fill(~to_score, -100)
+        labels = sequences.input_ids.masked_fill(~to_score, IGNORE_INDEX)
         out = self.token_logprobs(
             model, sequences.input_ids, labels, attention_mask=sequences.attention_mask,
             position_ids=sequences.position_ids, return_entropy=return_entropy, return_is_top1=return_is_top1,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from lightning_llm.data.batches import IGNORE_INDEX
 
 
 def _to_numpy(array: Any, name: str) -> np.ndarray:
