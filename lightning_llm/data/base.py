@@ -27,13 +27,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_llm.data.batches import Batch
 from lightning_llm.data.cache import default_cache_dir, fingerprint, tokenizer_fingerprint
 from lightning_llm.data.chat import with_chat_template
 from lightning_llm.data.formats import DataFormat, detect_format, validate_row, validate_rows
+from lightning_llm.data.sampling import EpochSampler, resume_position
 from lightning_llm.data.sources import DataSource, load_source, split_indices
 from lightning_llm.data.stream import ExampleStream
 from lightning_llm.models.loading import load_tokenizer
@@ -549,23 +550,21 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         return 0, 1
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of this process's share of each epoch, shuffled by ``seed + epoch``; a run resumed from a
+        checkpoint continues after the last batch it trained (see :mod:`lightning_llm.data.sampling`)."""
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}: no training data (train_data was not given)")
+        epoch, trained = resume_position(self.trainer)
         if is_stream(self.train_dataset):
+            self.train_dataset.start_at(epoch, trained)
             return self._stream_loader(self.train_dataset)
         rank, world_size = self._process()
-        if world_size > 1:
-            # Lightning's own distributed sampler always shuffles and ignores our seed; this one honours both
-            # (Lightning leaves a DistributedSampler in place and calls its set_epoch).
-            sampler = DistributedSampler(self.train_dataset, num_replicas=world_size, rank=rank, shuffle=self.shuffle,
-                                         seed=self.seed)
-            return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate,
-            num_workers=self.num_workers, generator=generator, persistent_workers=self.num_workers > 0,
-        )
+        # Lightning leaves a DistributedSampler in place (its own would ignore our seed) and calls its set_epoch.
+        sampler = EpochSampler(len(self.train_dataset), shuffle=self.shuffle, seed=self.seed, rank=rank,
+                               world_size=world_size, epoch=epoch, skip=trained * self.batch_size)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=self._loader_generator())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
@@ -574,14 +573,19 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             return self._stream_loader(self.val_dataset)
         return DataLoader(
             self.val_dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=self._loader_generator(),
         )
 
     def _stream_loader(self, stream: ExampleStream) -> DataLoader:
         # Lightning does not shard an IterableDataset: the stream takes this process's share of every round itself.
         stream.for_process(*self._process())
         return DataLoader(stream, batch_size=None, collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=self._loader_generator())
+
+    def _loader_generator(self) -> torch.Generator:
+        # A loader without a generator draws its workers' seed from the global generator each time an epoch starts,
+        # which would make dropout after an epoch start depend on whether the run was resumed there.
+        return torch.Generator().manual_seed(self.seed)
 
     # ------------------------------------------------------------------------------------ precomputed columns
     def precompute_reference(self, score: ScoreFn, *, columns: Sequence[str], identity: str,

@@ -56,8 +56,8 @@ class ExampleStream(IterableDataset):
         self.buffer_size = buffer_size
         self.rank = 0
         self.world_size = 1
-        self.epoch = 0
-        self._epochs_started = 0
+        self.epoch = 0  # the epoch the next pass runs
+        self.skip_rounds = 0  # rounds of that pass already trained (a resumed run)
 
     def for_process(self, rank: int, world_size: int) -> ExampleStream:
         """Take process ``rank``'s share of each round (of ``world_size`` processes)."""
@@ -66,30 +66,32 @@ class ExampleStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         return self
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (its shuffle is seeded by ``seed + epoch``)."""
-        self.epoch = epoch
-        self._epochs_started = epoch
+    def start_at(self, epoch: int, trained_rounds: int = 0) -> ExampleStream:
+        """Make the next pass epoch ``epoch`` (its shuffle is seeded by ``seed + epoch``), continuing after its first
+        ``trained_rounds`` rounds, which are read but neither validated nor encoded again."""
+        self.epoch, self.skip_rounds = epoch, trained_rounds
+        return self
 
-    def _rows(self) -> Iterable[dict]:
+    def _rows(self, epoch: int) -> Iterable[dict]:
         source = self.source
         if self.shuffle and hasattr(source, "shuffle"):
             source = source.shuffle(seed=self.seed, buffer_size=self.buffer_size)
             if hasattr(source, "set_epoch"):
-                source.set_epoch(self.epoch)
+                source.set_epoch(epoch)
         return source
 
-    def rounds(self) -> Iterator[tuple[list[int], list[dict]]]:
-        """``(indices, rows)`` of this process's share of each round, every row of the round validated."""
+    def rounds(self, skip: int = 0, epoch: int | None = None) -> Iterator[tuple[list[int], list[dict]]]:
+        """``(indices, rows)`` of this process's share of each round after the first ``skip``, every row of the round
+        validated."""
         round_size = self.batch_size * self.world_size
         worker = get_worker_info()
         num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        rows = iter(self._rows())
+        rows = iter(self._rows(self.epoch if epoch is None else epoch))
         for number in itertools.count():
             block = list(itertools.islice(rows, round_size))
             if not block:
                 return
-            if number % num_workers != worker_id:  # DataLoader workers take rounds in turn
+            if number < skip or number % num_workers != worker_id:  # trained already, or another worker's turn
                 continue
             start = number * round_size
             indices = list(range(start, start + len(block)))
@@ -106,9 +108,10 @@ class ExampleStream(IterableDataset):
             yield indices[lo:hi], block[lo:hi]
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        self.epoch = self._epochs_started
-        self._epochs_started += 1
-        for indices, rows in self.rounds():
+        skip = self.skip_rounds
+        source_epoch = self.epoch
+        self.epoch, self.skip_rounds = self.epoch + 1, 0
+        for indices, rows in self.rounds(skip, source_epoch):
             examples = self.encode(rows, indices)
             if not examples:
                 if self.world_size > 1:

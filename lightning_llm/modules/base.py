@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.data.batches import IGNORE_INDEX, Batch
 from lightning_llm.data.chat import conversation_text, with_chat_template
+from lightning_llm.data.sampling import finish_epoch_of_last_batch_checkpoint
 from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, model_name, model_spec
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, is_peft_model, peft_config_dict
@@ -512,10 +513,44 @@ class LLMModule(L.LightningModule):
         self.model.train()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen}
+        checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen, "rng": self._rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.num_tokens_seen = checkpoint.get("lightning_llm", {}).get("num_tokens_seen", 0.0)
+        saved = checkpoint.get("lightning_llm", {})
+        self.num_tokens_seen = saved.get("num_tokens_seen", 0.0)
+        self._pending_rng = saved.get("rng")
+        if finish_epoch_of_last_batch_checkpoint(checkpoint):
+            log.info("The checkpoint was written after the last batch of an epoch: resuming with the next epoch.")
+
+    # ------------------------------------------------------------------------------------------------ resuming
+    def _rng_states(self) -> dict[str, Any]:
+        """Every process's torch RNG states (CPU, and CUDA when used), gathered so that rank 0's checkpoint holds
+        them all: dropout and sampling continue as in the uninterrupted run."""
+        states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return {"world_size": 1, "states": [states]}
+        strategy = self.trainer.strategy
+        gathered = {key: strategy.all_gather(value.to(strategy.root_device)).cpu() for key, value in states.items()}
+        per_rank = [{key: value[r].clone() for key, value in gathered.items()} for r in range(self.trainer.world_size)]
+        return {"world_size": self.trainer.world_size, "states": per_rank}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored at the first step after resuming, not when the checkpoint loads: building the data loaders in
+        # between draws from the generator, which the uninterrupted run did at the start of the epoch.
+        pending, self._pending_rng = getattr(self, "_pending_rng", None), None
+        if pending is None:
+            return
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if pending.get("world_size") != (self.trainer.world_size if self._trainer is not None else 1):
+            log.warning("The checkpoint's random states are of %s processes, this run has %s: not restored",
+                        pending.get("world_size"), self.trainer.world_size)
+            return
+        states = pending["states"][rank]
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
 
     # ----------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
@@ -529,14 +564,43 @@ class LLMModule(L.LightningModule):
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
-            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-            if total == float("inf"):
-                raise ValueError("The training data has no length (a stream), so the learning-rate schedule has no "
-                                 "end: set Trainer(max_steps=...)")
-            total = int(total)
+            total = self.total_optimizer_steps()
             warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
             scheduler = cosine_with_warmup(optimizer, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the learning-rate schedule.
+
+        ``max_steps`` when it bounds the run; else counted from the data module's training loader the way Lightning
+        counts them (batches per epoch, ``limit_train_batches``, an optimizer step per ``accumulate_grad_batches``
+        batches and at each epoch's end, times ``max_epochs``). ``trainer.estimated_stepping_batches`` would build
+        Lightning's own loader before a checkpoint is restored, and that loader would then start the resumed epoch
+        from its first batch (Lightning issue #20550).
+        """
+        if self._trainer is None:
+            return 1
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.max_steps != -1 or trainer.max_epochs in (None, -1) or datamodule is None:
+            total = trainer.estimated_stepping_batches
+        else:
+            from lightning.fabric.utilities.data import sized_len
+
+            batches = sized_len(datamodule.train_dataloader())
+            if batches is None:
+                total = float("inf")
+            else:
+                limit = trainer.limit_train_batches
+                if isinstance(limit, int):
+                    batches = min(batches, limit)
+                elif limit is not None:
+                    batches = int(batches * limit)
+                total = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+        if total == float("inf"):
+            raise ValueError("The training data has no length (a stream), so the learning-rate schedule has no end: "
+                             "set Trainer(max_steps=...)")
+        return int(total)
 
     # ---------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -104,17 +104,18 @@ class LossHistory(L.Callback):
 
 @pytest.mark.slow
 def test_learns_and_logs_trl_metrics(rows):
-    """30 steps on 16 sample rows (15 epochs): the training loss falls, and so does the loss on those rows."""
+    """45 steps on 16 sample rows (22 epochs; the loss plateaus for a while, at a number of steps that depends on
+    the shuffle): the training loss falls, and so does the loss on those rows."""
     module = PRMModule("tiny-llama", learning_rate=3e-3)
     subset = rows[:16]
     data = StepwiseDataModule(subset, val_data=subset, batch_size=8, val_batch_size=10)  # uneven val batches
     history = LossHistory()
-    fit = trainer(max_steps=30, log_every_n_steps=1, num_sanity_val_steps=0, callbacks=[history])
+    fit = trainer(max_steps=45, log_every_n_steps=1, num_sanity_val_steps=0, callbacks=[history])
     before = fit.validate(module, data, verbose=False)[0]
     fit.fit(module, data)
     assert {"loss", "accuracy", "num_tokens", "learning_rate"} <= set(fit.logged_metrics)
     after = fit.validate(module, data, verbose=False)[0]
-    assert len(history.losses) == 30
+    assert len(history.losses) == 45
     assert sum(history.losses[-5:]) / 5 < sum(history.losses[:5]) / 5 - 0.1
     assert after["val/loss"] < before["val/loss"] - 0.08
 

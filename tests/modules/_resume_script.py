@@ -1,0 +1,161 @@
+"""One training run of the resume harness (``test_resume.py``): trains a tiny recipe, checkpointing every few steps,
+optionally SIGKILLs itself at a given micro-batch, optionally resumes from a checkpoint; writes what it trained on.
+
+    python _resume_script.py CASE OUT [--kill STEP:MICRO] [--resume CKPT]
+
+``OUT/trace.jsonl`` gets one line per micro-batch (step, micro-batch, a digest of its token ids) and one per optimizer
+step (its logged loss), flushed as they happen so a killed run leaves them behind; ``OUT/final.pt`` the trained
+policy's weights (and callback state) at the end. The online issues add their algorithms to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_llm as llm
+from lightning_llm.data.sources import load_rows
+
+#: case -> (module factory, data factory, trainer settings, callbacks factory)
+CASES: dict[str, dict] = {}
+
+
+def case(name: str, **settings):
+    def register(build):
+        CASES[name] = {"build": build, **settings}
+        return build
+    return register
+
+
+def constant(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def rows(sample: str, n: int) -> list[dict]:
+    return load_rows(f"sample:{sample}")[:n]
+
+
+@case("sft_accumulate", max_steps=10, accumulate=2, every=3)
+def sft_accumulate(out: str):
+    """SFT with dropout on (the random state matters), shuffled, 5 batches an epoch, 2 micro-batches a step."""
+    module = llm.SFTModule("tiny-llama", model_kwargs={"attention_dropout": 0.2}, learning_rate=5e-3,
+                           warmup_steps=2)
+    data = llm.SFTDataModule(rows("messages", 18), batch_size=4, max_length=96, seed=3)
+    return module, data, []
+
+
+@case("sft_stream", max_steps=10, accumulate=1, every=4)
+def sft_stream(out: str):
+    """SFT on a shuffled stream read from a JSONL file (6 batches an epoch)."""
+    path = os.path.join(out, "..", "stream.jsonl")
+    if not os.path.exists(path):
+        with open(path, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows("text", 22))
+    module = llm.SFTModule("tiny-llama", model_kwargs={"attention_dropout": 0.2}, learning_rate=5e-3,
+                           scheduler=constant)
+    data = llm.SFTDataModule(path, streaming=True, batch_size=4, max_length=64, seed=5, shuffle_buffer_size=8)
+    return module, data, []
+
+
+@case("dpo_epoch_boundary", max_steps=12, accumulate=1, every=4)
+def dpo_epoch_boundary(out: str):
+    """DPO with TR-DPO reference syncing and BEMA, 4 batches an epoch: checkpoints fall on epoch ends."""
+    module = llm.DPOModule("tiny-llama", learning_rate=5e-3, sync_ref_model=True, ref_model_sync_steps=3,
+                           ref_model_mixup_alpha=0.5)
+    data = llm.PreferenceDataModule(rows("preference", 16), batch_size=4, max_length=64)
+    return module, data, [llm.BEMACallback(update_freq=2, ema_power=0.5, bias_power=0.2)]
+
+
+@case("kto_accumulate", max_steps=8, accumulate=2, every=2)
+def kto_accumulate(out: str):
+    module = llm.KTOModule("tiny-llama", learning_rate=5e-3)
+    data = llm.UnpairedPreferenceDataModule(rows("unpaired_preference", 20), batch_size=4, max_length=64)
+    return module, data, []
+
+
+@case("bco", max_steps=8, accumulate=1, every=3)
+def bco(out: str):
+    """BCO: the running mean of the rewards (RunningMoments) is state too."""
+    module = llm.BCOModule("tiny-llama", learning_rate=5e-3)
+    data = llm.UnpairedPreferenceDataModule(rows("unpaired_preference", 20), batch_size=4, max_length=64,
+                                            kl_pairs=False)
+    return module, data, []
+
+
+class Trace(Callback):
+    """Writes each micro-batch's digest and each step's loss to ``trace.jsonl``; SIGKILLs the process at ``kill``."""
+
+    def __init__(self, path: str, accumulate: int, kill: tuple[int, int] | None) -> None:
+        self.handle = open(path, "a")
+        self.accumulate = accumulate
+        self.kill = kill
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        position = (trainer.global_step, batch_idx % self.accumulate)
+        if self.kill is not None and position == self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        ids = (batch.input_ids if hasattr(batch, "input_ids") else batch.sequences.input_ids).numpy().tobytes()
+        self.write({"kind": "batch", "step": position[0], "micro": position[1], "epoch": trainer.current_epoch,
+                    "digest": hashlib.sha256(ids).hexdigest()[:16]})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.accumulate == 0 or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("loss", "kl", "delta")}
+            self.write({"kind": "step", "step": trainer.global_step, **metrics})
+
+
+def run(name: str, out: str, kill: tuple[int, int] | None, resume: str | None) -> None:
+    settings = CASES[name]
+    os.makedirs(out, exist_ok=True)
+    seed_everything(0)
+    module, data, callbacks = settings["build"](out)
+    checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=settings["every"],
+                                  save_last=True, save_top_k=-1)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=settings["max_steps"],
+        accumulate_grad_batches=settings["accumulate"], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+        callbacks=[*callbacks, checkpoints, Trace(os.path.join(out, "trace.jsonl"), settings["accumulate"], kill)],
+    )
+    trainer.fit(module, data, ckpt_path=resume)
+    state = {"model": {k: v.clone() for k, v in module.model.state_dict().items()}}
+    for callback in callbacks:
+        if hasattr(callback, "state_dict"):
+            state[type(callback).__name__] = callback.state_dict()
+    if getattr(module, "ref_model", None) is not None:
+        state["ref_model"] = module.ref_model.state_dict()
+    if hasattr(module, "running"):
+        state["running"] = module.running.state_dict()
+    torch.save(state, os.path.join(out, "final.pt"))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("out")
+    parser.add_argument("--kill", help="STEP:MICRO, the micro-batch at which the process kills itself")
+    parser.add_argument("--resume", help="checkpoint to resume from")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    kill = tuple(int(part) for part in args.kill.split(":")) if args.kill else None
+    run(args.case, args.out, kill, args.resume)
+    sys.exit(0)
