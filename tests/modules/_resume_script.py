@@ -58,6 +58,15 @@ def sft_accumulate(out: str):
     return module, data, []
 
 
+@case("sft_epochs", max_steps=-1, max_epochs=3, accumulate=1, every=3)
+def sft_epochs(out: str):
+    """An epoch-bounded run whose default cosine schedule counts its steps from the data (no max_steps)."""
+    module = llm.SFTModule("tiny-llama", model_kwargs={"attention_dropout": 0.2}, learning_rate=5e-3,
+                           warmup_ratio=0.2)
+    data = llm.SFTDataModule(rows("messages", 18), batch_size=4, max_length=96, seed=4)
+    return module, data, []
+
+
 @case("sft_stream", max_steps=10, accumulate=1, every=4)
 def sft_stream(out: str):
     """SFT on a shuffled stream read from a JSONL file (6 batches an epoch)."""
@@ -131,7 +140,7 @@ def run(name: str, out: str, kill: tuple[int, int] | None, resume: str | None) -
     checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=settings["every"],
                                   save_last=True, save_top_k=-1)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=settings["max_steps"],
+        accelerator="cpu", devices=1, max_steps=settings["max_steps"], max_epochs=settings.get("max_epochs"),
         accumulate_grad_batches=settings["accumulate"], logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
         callbacks=[*callbacks, checkpoints, Trace(os.path.join(out, "trace.jsonl"), settings["accumulate"], kill)],
