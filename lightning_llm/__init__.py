@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "LogCompletionsCallback": "lightning_llm.callbacks.log_completions",
     "MergeModelCallback": "lightning_llm.callbacks.merge_model",
     "RichProgressCallback": "lightning_llm.callbacks.rich_progress",
+    "RunCheckpoint": "lightning_llm.callbacks.checkpoint",
     # judges
     "BaseJudge": "lightning_llm.judges.base",
     "BaseBinaryJudge": "lightning_llm.judges.base",

@@ -8,12 +8,18 @@ Any module (``--model``) and data module (``--data``) of the package can be name
     lightning-llm fit --config configs/sft/tiny.yaml --print_config
 
 The data module takes the tokenizer of the module being trained unless ``--data.init_args.tokenizer`` names one.
-A rich progress bar with the logged metrics is on by default.
+A rich progress bar with the logged metrics is on by default, and unless ``--trainer.logger`` says otherwise the
+metrics go to ``<default_root_dir>/metrics.csv`` (and to TensorBoard under ``<default_root_dir>/tensorboard`` when it
+is installed).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import os
+import warnings
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -45,6 +51,34 @@ def default_progress_bar() -> Any:
         return RichProgressBar()
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing ..." adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_console() -> None:
+    """Keep the console of our own runs to what matters: no adverts for Lightning's cloud products, and no
+    deprecation notice from Lightning's pytree code under newer torch (warnings about the run itself stay)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+            logger.addFilter(_NoAdverts())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def default_loggers(root: str) -> list[Any]:
+    """A CSV logger writing ``root/metrics.csv`` (the checkpoints then go to ``root/checkpoints``), and a TensorBoard
+    logger under ``root/tensorboard`` when ``tensorboard`` is installed."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=root, name="", version="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False))
+    return loggers
+
+
 class LLMCLI(LightningCLI):
     """LightningCLI with lightning_llm's defaults (subclass mode for modules and data modules, rich progress)."""
 
@@ -55,21 +89,29 @@ class LLMCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The trainer, with the rich progress bar added unless it is off or another progress bar is configured."""
-        from lightning.pytorch.callbacks import ProgressBar
+        """The trainer, with the rich progress bar added unless it is off or another progress bar is configured, the
+        default loggers unless others are configured, and without the recipe's checkpoint callback when
+        ``--trainer.enable_checkpointing=false``."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_checkpointing") is False and any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            config["callbacks"] = callbacks
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             defaults = self.trainer_defaults.get("callbacks") or []
             defaults = defaults if isinstance(defaults, list) else [defaults]
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*defaults, default_progress_bar()]}
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``lightning-llm``."""
+    quiet_console()
     LLMCLI(args=args)
 
 

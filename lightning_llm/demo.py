@@ -220,6 +220,9 @@ def run(output_dir: str = "outputs/demo", settings: DemoSettings | None = None) 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``lightning-llm-demo``."""
+    from lightning_llm.cli import quiet_console
+
+    quiet_console()
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")

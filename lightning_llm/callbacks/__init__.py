@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "LogCompletionsCallback": "lightning_llm.callbacks.log_completions",
     "MergeModelCallback": "lightning_llm.callbacks.merge_model",
     "RichProgressCallback": "lightning_llm.callbacks.rich_progress",
+    "RunCheckpoint": "lightning_llm.callbacks.checkpoint",
     "SyncRefModelCallback": "lightning_llm.callbacks.sync_ref_model",
     "WinRateCallback": "lightning_llm.callbacks.win_rate",
     "linear_merge": "lightning_llm.callbacks.merge_model",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from lightning_llm.callbacks.bema import BEMACallback  # noqa: F401
     from lightning_llm.callbacks.log_completions import LogCompletionsCallback  # noqa: F401
     from lightning_llm.callbacks.merge_model import MergeModelCallback, linear_merge, merge_state_dicts, slerp  # noqa: F401
+    from lightning_llm.callbacks.checkpoint import RunCheckpoint  # noqa: F401
     from lightning_llm.callbacks.rich_progress import RichProgressCallback  # noqa: F401
     from lightning_llm.callbacks.sync_ref_model import SyncRefModelCallback, sync_reference  # noqa: F401
     from lightning_llm.callbacks.win_rate import WinRateCallback  # noqa: F401

@@ -187,7 +187,8 @@ class LLMModule(L.LightningModule):
         chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
         disable_dropout: set every dropout probability of the model to zero (what TRL does by default for preference,
             reward and process reward training; off for SFT, as in TRL).
-        export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``.
+        export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``; a
+            relative path is taken from the trainer's ``default_root_dir`` (the working directory by default).
         merge_adapters: with PEFT, merge the adapters into the exported model (else export the adapters only).
         average_tokens_across_steps: for token-mean losses (SFT, PRM): normalise by the loss tokens of the whole
             optimizer step (every micro-batch and rank, as TRL does with ``average_tokens_across_devices``), so
@@ -650,7 +651,10 @@ class LLMModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- export
     def on_fit_end(self) -> None:
         if self.export_dir:
-            self.export_hf(self.export_dir)
+            directory = Path(self.export_dir)
+            if not directory.is_absolute() and self._trainer is not None:
+                directory = Path(self.trainer.default_root_dir) / directory
+            self.export_hf(directory)
 
     def export_hf(self, directory: str | os.PathLike, merge_adapters: bool | None = None) -> Path:
         """Write the policy and tokenizer with ``save_pretrained`` (rank 0; gathered first under sharding).
@@ -672,6 +676,18 @@ class LLMModule(L.LightningModule):
 
     @rank_zero_only
     def _write_hf(self, directory: Path, merge: bool, state: dict[str, Tensor] | None) -> None:
+        from transformers.utils import logging as hf_logging
+
+        # transformers' "Writing model shards" bar would cut into a live progress display
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._save_pretrained(directory, merge, state)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    def _save_pretrained(self, directory: Path, merge: bool, state: dict[str, Tensor] | None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         model = self.ensure_model()
         if is_peft_model(model) and merge:

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,11 @@ class PreferenceModule(LLMModule, abc.ABC):
         sync_state = checkpoint.get("lightning_llm", {}).get("reference_sync")
         if self.reference_sync is not None and sync_state is not None:
             self.reference_sync.load_state_dict(sync_state)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # The frozen reference is in eval mode on purpose; Lightning would warn about it at every fit.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
     def on_fit_start(self) -> None:
         if self.reference_sync is not None and self.ref_model is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,36 @@ def test_every_algorithm_has_a_tiny_and_a_hub_config():
 
 
 @pytest.mark.parametrize("config", TINY, ids=lambda p: p.parent.name)
-def test_tiny_config_fits(config, tmp_path):
-    cli = LLMCLI(args=["fit", "--config", str(config), *_fast(tmp_path)])
+def test_tiny_config_fits_and_a_short_run_leaves_everything(config, tmp_path):
+    """5 steps, fewer than any of the recipe's intervals: still a last.ckpt, every step's metrics and an export."""
+    args = [a for a in _fast(tmp_path, steps=5) if "logger" not in a and "checkpointing" not in a
+            and "val_check" not in a]
+    cli = LLMCLI(args=["fit", "--config", str(config), *args])
     trainer = cli.trainer
-    assert trainer.global_step == 2
+    assert trainer.global_step == 5
     expected = yaml.safe_load(config.read_text())["model"]["class_path"].rsplit(".", 1)[-1]
     assert type(cli.model).__name__ == expected
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["loss"])))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert sorted({int(r["step"]) for r in rows if r.get("loss")}) == [0, 1, 2, 3, 4]
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev dependency
+
+
+@pytest.mark.slow
+def test_the_console_of_a_run_is_quiet(tmp_path):
+    """No adverts, deprecation notices, eval-mode warnings or second progress bars from our own runs."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_llm.cli", "fit", "--config", str(CONFIGS / "dpo" / "tiny.yaml"),
+         "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"],
+        capture_output=True, text=True, check=True,
+    )
+    console = out.stdout + out.stderr
+    for noise in ("Tip:", "litlogger", "tensorboardX", "deprecated", "eval mode at the start", "Writing model shards"):
+        assert noise not in console, noise
+    assert "max_steps=3" in console and "loss" in console  # the run's own output is there
 
 
 @pytest.mark.slow
