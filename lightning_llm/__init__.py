@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "SyncRefModelCallback": "lightning_llm.callbacks.sync_ref_model",
     "WinRateCallback": "lightning_llm.callbacks.win_rate",
     "LogCompletionsCallback": "lightning_llm.callbacks.log_completions",
+    "JsonlPredictionWriter": "lightning_llm.callbacks.predictions",
     "MergeModelCallback": "lightning_llm.callbacks.merge_model",
     "RichProgressCallback": "lightning_llm.callbacks.rich_progress",
     "RunCheckpoint": "lightning_llm.callbacks.checkpoint",

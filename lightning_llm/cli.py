@@ -68,12 +68,20 @@ def quiet_console() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
-def default_loggers(root: str) -> list[Any]:
-    """A CSV logger writing ``root/metrics.csv`` (the checkpoints then go to ``root/checkpoints``), and a TensorBoard
-    logger under ``root/tensorboard`` when ``tensorboard`` is installed."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+def default_loggers(root: str, subcommand: str | None = "fit") -> list[Any]:
+    """For ``fit``: a CSV logger writing ``root/metrics.csv`` (kept across a resume into the same directory; the
+    checkpoints then go to ``root/checkpoints``) and a TensorBoard logger under ``root/tensorboard`` when
+    ``tensorboard`` is installed. ``validate`` and ``test`` write ``root/<subcommand>/metrics.csv``, leaving the
+    training metrics alone; ``predict`` logs nothing."""
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=root, name="", version="")]
+    from lightning_llm.utils.csv_logger import RunCSVLogger
+
+    if subcommand == "predict":
+        return []
+    if subcommand not in (None, "fit"):
+        return [RunCSVLogger(save_dir=root, name=subcommand, version="")]
+    loggers: list[Any] = [RunCSVLogger(save_dir=root, name="", version="")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False))
     return loggers
@@ -92,7 +100,7 @@ class LLMCLI(LightningCLI):
         """The trainer, with the rich progress bar added unless it is off or another progress bar is configured, the
         default loggers unless others are configured, and without the recipe's checkpoint callback when
         ``--trainer.enable_checkpointing=false``."""
-        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+        from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
@@ -104,8 +112,14 @@ class LLMCLI(LightningCLI):
             defaults = self.trainer_defaults.get("callbacks") or []
             defaults = defaults if isinstance(defaults, list) else [defaults]
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*defaults, default_progress_bar()]}
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            from lightning_llm.callbacks.predictions import JsonlPredictionWriter
+
+            defaults = self.trainer_defaults.get("callbacks") or []
+            defaults = defaults if isinstance(defaults, list) else [defaults]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*defaults, JsonlPredictionWriter()]}
         if config.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd(), self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lightning_llm.data.batches import Batch
+from lightning_llm.data.batches import Batch, PromptBatch
 from lightning_llm.data.cache import default_cache_dir, fingerprint, tokenizer_fingerprint
 from lightning_llm.data.chat import with_chat_template
 from lightning_llm.data.formats import DataFormat, detect_format, validate_row, validate_rows
@@ -139,11 +139,16 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             sample such as ``sample:messages``), a ``datasets.Dataset``, a ``datasets.IterableDataset`` (a stream)
             or a list of dicts.
         val_data: validation rows, same forms; or use ``val_split``.
+        test_data: rows for ``trainer.test`` (evaluated like the validation rows, metrics under ``test/``).
+        predict_data: rows for ``trainer.predict``: their ``prompt`` column, or each conversation (``messages`` or
+            ``chosen``) up to its last assistant turn, is completed with the module's ``generate``.
         tokenizer: tokenizer or its id/path; by default the one of the module being trained
             (``trainer.lightning_module.tokenizer``, copied before anything about it is changed).
         val_split: fraction of ``train_data`` carved out for validation when ``val_data`` is not given.
         split: split of a hub dataset (or ``DatasetDict``) to read ``train_data`` from.
         val_split_name: split to read ``val_data`` from.
+        test_split_name: split to read ``test_data`` from.
+        predict_split_name: split to read ``predict_data`` from.
         subset: configuration name of a hub dataset.
         batch_size: examples per training batch (per device).
         val_batch_size: examples per validation batch (default ``batch_size``).
@@ -175,10 +180,14 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         train_data: DataSource | None = None,
         val_data: DataSource | None = None,
         *,
+        test_data: DataSource | None = None,
+        predict_data: DataSource | None = None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         val_split: float = 0.0,
         split: str = "train",
         val_split_name: str = "test",
+        test_split_name: str = "test",
+        predict_split_name: str = "test",
         subset: str | None = None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
@@ -212,10 +221,14 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             raise ValueError(f"shuffle_buffer_size must be >= 1, got {shuffle_buffer_size}")
         self.train_data = train_data
         self.val_data = val_data
+        self.test_data = test_data
+        self.predict_data = predict_data
         self.tokenizer = tokenizer
         self.val_split = val_split
         self.split = split
         self.val_split_name = val_split_name
+        self.test_split_name = test_split_name
+        self.predict_split_name = predict_split_name
         self.subset = subset
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -233,6 +246,8 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         self.shuffle_buffer_size = shuffle_buffer_size
         self.train_dataset: Any = None
         self.val_dataset: Any = None
+        self.test_dataset: Any = None
+        self.predict_dataset: Any = None
         self.reports: dict[str, PreparationReport] = {}
         self.format: DataFormat | None = None
         self._sources: dict[str, Any] = {}
@@ -345,20 +360,55 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
         self.setup()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None or (stage in ("validate", "test") and self.val_dataset is not None):
-            return
+        """Prepare what ``stage`` needs (``fit``/``validate``: training and validation data, ``test``: the test
+        data, ``predict``: the prompts; ``None``: everything given)."""
         self.resolve_tokenizer()
-        train, val = self._open_sources()
-        if train is None and val is None:
-            raise ValueError(f"{type(self).__name__}: give train_data and/or val_data")
-        if train is not None:
-            self.train_dataset = self._prepare(train, "train_data")
-        if val is not None:
-            self.val_dataset = self._prepare(val, "val_data")
+        if all(data is None for data in (self.train_data, self.val_data, self.test_data, self.predict_data)):
+            raise ValueError(f"{type(self).__name__}: give train_data and/or val_data (or test_data / predict_data)")
+        if stage in (None, "fit", "validate") and self.train_dataset is None and self.val_dataset is None:
+            train, val = self._open_sources()
+            if train is None and val is None and stage is not None:
+                raise ValueError(f"{type(self).__name__}: give train_data and/or val_data")
+            if train is not None:
+                self.train_dataset = self._prepare(train, "train_data")
+            if val is not None:
+                self.val_dataset = self._prepare(val, "val_data")
+        if stage in (None, "test") and self.test_dataset is None:
+            if self.test_data is None and stage == "test":
+                raise ValueError(f"{type(self).__name__}: `test` needs test_data")
+            if self.test_data is not None:
+                self.test_dataset = self._prepare(self._open(self.test_data, self.test_split_name, "test_data"),
+                                                  "test_data")
+        if stage in (None, "predict") and self.predict_dataset is None:
+            if self.predict_data is None and stage == "predict":
+                raise ValueError(f"{type(self).__name__}: `predict` needs predict_data (rows with a prompt)")
+            if self.predict_data is not None:
+                self.predict_dataset = self._prepare_prompts(
+                    self._open(self.predict_data, self.predict_split_name, "predict_data", check=False), "predict_data")
 
-    def _open(self, data: DataSource, split: str, name: str) -> Any:
+    def _open(self, data: DataSource, split: str, name: str, check: bool = True) -> Any:
         return load_source(data, split=split, subset=self.subset, name=name, streaming=self.streaming,
-                           cache_dir=self.cache_dir, check=self._check_rows)
+                           cache_dir=self.cache_dir, check=self._check_rows if check else None)
+
+    def _prepare_prompts(self, source: Any, name: str) -> Any:
+        """The rows of ``predict_data``, each checked to give a prompt (``ValueError`` naming the first that does
+        not)."""
+        if is_stream(source) or not hasattr(source, "__len__"):
+            raise ValueError(f"{name}: predict needs a map-style dataset, not a stream")
+        if not len(source):
+            raise ValueError(f"{name}: the dataset is empty")
+        for index, row in enumerate(source):
+            if _row_prompt(plain_row(row)) is None:
+                raise ValueError(f"{name}: row {index}: no prompt to complete (expected a 'prompt' column, or "
+                                 "'messages'/'chosen' with an assistant turn after the first message)")
+        self._sources[name] = source
+        return source
+
+    def collate_prompts(self, indexed_rows: list[tuple[int, dict]]) -> PromptBatch:
+        """A batch of ``predict_data`` rows: their prompts, row indices, and the rows themselves."""
+        rows = [plain_row(row) for _, row in indexed_rows]
+        return PromptBatch(prompts=[_row_prompt(row) for row in rows], indices=[i for i, _ in indexed_rows],
+                           rows=rows)
 
     def _check_rows(self, rows: list[dict], name: str) -> None:
         """The format's row validation over plain rows (named errors when Arrow cannot store them)."""
@@ -576,6 +626,23 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=self._loader_generator(),
         )
 
+    def test_dataloader(self) -> DataLoader | list:
+        if self.test_dataset is None:
+            return []
+        if is_stream(self.test_dataset):
+            return self._stream_loader(self.test_dataset)
+        return DataLoader(
+            self.test_dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.collate,
+            num_workers=self.num_workers, generator=self._loader_generator(),
+        )
+
+    def predict_dataloader(self) -> DataLoader | list:
+        if self.predict_dataset is None:
+            return []
+        return DataLoader(_Indexed(self.predict_dataset), batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=self.collate_prompts, num_workers=self.num_workers,
+                          generator=self._loader_generator())
+
     def _stream_loader(self, stream: ExampleStream) -> DataLoader:
         # Lightning does not shard an IterableDataset: the stream takes this process's share of every round itself.
         stream.for_process(*self._process())
@@ -676,6 +743,19 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reports = {k: PreparationReport(**v) for k, v in state_dict.get("reports", {}).items()}
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``(index, row)`` of a dataset, so that a batch knows which rows it holds."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return index, self.dataset[index]
 
 
 def _row_prompt(row: dict) -> str | list[dict] | None:

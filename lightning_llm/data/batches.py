@@ -12,6 +12,8 @@ batch              holds                                                        
 ``UnpairedBatch``  ``B`` sequences with a desirable/undesirable label; the         ``UnpairedPreferenceDataModule``
                    mismatched KL sequences; reference logps
 ``StepBatch``      ``input_ids`` and a class per token (``-100`` = unlabelled)     ``StepwiseDataModule``
+``PromptBatch``    prompts (strings or conversations) and their rows               every data module's
+                                                                                  ``predict_data``
 =================  ============================================================  ==============================
 
 Layouts: *padded* batches are ``[R, T]`` right-padded with an ``attention_mask``; *padding-free* ones are one row
@@ -173,3 +175,13 @@ class StepBatch(Batch):
 
     def num_tokens(self) -> Tensor:
         return self.attention_mask.sum()
+
+
+@dataclass(frozen=True)
+class PromptBatch(Batch):
+    """Prompts to complete: strings or conversations (``prompts``), the row each came from (``indices``), and the
+    rows' other columns (``rows``; what reward functions read)."""
+
+    prompts: list
+    indices: list[int]
+    rows: list[dict] | None = None

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_llm.data.batches import IGNORE_INDEX, Batch
+from lightning_llm.data.batches import IGNORE_INDEX, Batch, PromptBatch
 from lightning_llm.data.chat import conversation_text, with_chat_template
 from lightning_llm.data.sampling import finish_epoch_of_last_batch_checkpoint
 from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, model_name, model_spec
@@ -157,6 +157,31 @@ def pass_typed_batches(precision_plugin: Any) -> None:
     precision_plugin.convert_input = convert_input
 
 
+#: the settings ``LLMModule.generate`` takes, with what each must be
+GENERATION_SETTINGS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
+                       "batch_size": int}
+
+
+def check_generation_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` for :meth:`LLMModule.generate`, checked: known names, right types, positive numbers."""
+    kwargs = dict(kwargs or {})
+    for name, value in kwargs.items():
+        if name not in GENERATION_SETTINGS:
+            raise ValueError(f"generation_kwargs: unknown setting {name!r}; expected some of "
+                             f"{sorted(GENERATION_SETTINGS)}")
+        kind = GENERATION_SETTINGS[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"generation_kwargs: {name} must be true or false, got {value!r}")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"generation_kwargs: {name} must be a positive number, got {value!r}")
+        elif kind is int and int(value) != value:
+            raise ValueError(f"generation_kwargs: {name} must be a whole number, got {value!r}")
+    if "top_p" in kwargs and kwargs["top_p"] > 1:
+        raise ValueError(f"generation_kwargs: top_p must be in (0, 1], got {kwargs['top_p']}")
+    return kwargs
+
+
 class LLMModule(L.LightningModule):
     """Base LightningModule for LLM post-training.
 
@@ -187,6 +212,8 @@ class LLMModule(L.LightningModule):
         chat_template: a Jinja chat template (string or ``.jinja`` path) replacing the tokenizer's.
         disable_dropout: set every dropout probability of the model to zero (what TRL does by default for preference,
             reward and process reward training; off for SFT, as in TRL).
+        generation_kwargs: settings of :meth:`generate` for ``predict`` (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``top_p``, ``batch_size``).
         export_dir: where to write the trained model and tokenizer in Hugging Face format at the end of ``fit``; a
             relative path is taken from the trainer's ``default_root_dir`` (the working directory by default).
         merge_adapters: with PEFT, merge the adapters into the exported model (else export the adapters only).
@@ -218,6 +245,7 @@ class LLMModule(L.LightningModule):
         logprob_tiles: dict[str, Any] | None = None,
         chat_template: str | None = None,
         disable_dropout: bool = False,
+        generation_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
         merge_adapters: bool = True,
         average_tokens_across_steps: bool = True,
@@ -260,11 +288,12 @@ class LLMModule(L.LightningModule):
             chat_template=chat_template,
         ))
         self.disable_dropout = disable_dropout
+        self.generation_kwargs = check_generation_kwargs(generation_kwargs)
         self._plain_hyperparameters(model, peft_config)
         self.model: nn.Module | None = None
         if isinstance(model, PreTrainedModel):
             self.model = self._prepare_policy(load_model(model, dtype=dtype))
-        self._metrics = {"train": MetricBuffer(), "val": MetricBuffer()}
+        self._metrics = {"train": MetricBuffer(), "val": MetricBuffer(), "test": MetricBuffer()}
         self.num_tokens_seen = 0.0
 
     def _plain_hyperparameters(self, model: ModelArg, peft_config: Any) -> None:
@@ -415,7 +444,10 @@ class LLMModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------------- metrics
     @property
     def mode(self) -> str:
-        return "train" if self.training else "val"
+        """``train``, ``val`` or ``test``: which buffer :meth:`record` adds to, and the metric prefix."""
+        if self.training:
+            return "train"
+        return "test" if self._trainer is not None and self.trainer.testing else "val"
 
     def record(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
         """Add to metric ``name`` (logged as the mean ``sum(total) / sum(count)`` over micro-batches and ranks)."""
@@ -450,7 +482,8 @@ class LLMModule(L.LightningModule):
         return tensor
 
     def flush_metrics(self, mode: str) -> dict[str, float]:
-        """Reduce the buffered metrics across processes and log them (``val/`` prefix on validation)."""
+        """Reduce the buffered metrics across processes and log them (``val/`` or ``test/`` prefix outside
+        training)."""
         values = self.reduce_metrics(mode)
         if not values:
             return {}
@@ -465,7 +498,7 @@ class LLMModule(L.LightningModule):
                 self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1, sync_dist=False)
                 values["loss"] = loss
         else:
-            self.log_dict({f"val/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1,
+            self.log_dict({f"{mode}/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1,
                           sync_dist=False, prog_bar=False)
         return values
 
@@ -505,6 +538,24 @@ class LLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.flush_metrics("val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """What :meth:`validation_step` does, on the test data; metrics are logged under ``test/``."""
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.flush_metrics("test")
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
+        """Completions of a batch of prompts with :meth:`generate` and the module's ``generation_kwargs``: one
+        ``{"index", "prompt", "completion"}`` per prompt (``lightning_llm.callbacks.JsonlPredictionWriter`` writes
+        them out)."""
+        if not isinstance(batch, PromptBatch):
+            raise ValueError(f"predict needs prompt batches (a data module's predict_data), got {type(batch).__name__}")
+        settings = {"batch_size": max(1, len(batch.prompts)), **self.generation_kwargs}
+        completions = self.generate(batch.prompts, **settings)
+        return [{"index": index, "prompt": prompt, "completion": completion}
+                for index, prompt, completion in zip(batch.indices, batch.prompts, completions)]
 
     def setup(self, stage: str) -> None:
         pass_typed_batches(self.trainer.precision_plugin)

@@ -101,7 +101,7 @@ class RewardModule(LLMModule):
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
         _, chosen, rejected, _ = self._step(batch)
         self.val_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
-        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True)
+        self.log(f"{self.mode}/accuracy", self.val_accuracy, on_step=False, on_epoch=True)
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list, batch_size: int = 16) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,36 @@ def test_validate_from_a_checkpoint(tmp_path):
     for name, value in validated.model.model.state_dict().items():
         assert torch.equal(value, fitted_weights[name]), name
     assert "val/loss" in validated.trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_test_and_predict_from_a_fit_checkpoint(tmp_path):
+    """`test` evaluates test_data like validation (metrics under test/, in their own metrics.csv); `predict` writes
+    one JSON line per prompt: a `prompt` column, or a conversation up to its last assistant turn."""
+    sft = str(CONFIGS / "sft" / "tiny.yaml")
+    common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+              "--trainer.accelerator=cpu"]
+    LLMCLI(args=["fit", "--config", sft, "--trainer.max_steps=3", *common])
+    fit_rows = (tmp_path / "metrics.csv").read_text()
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+
+    cli = LLMCLI(args=["test", "--config", sft, "--data.init_args.test_data=sample:messages",
+                       f"--ckpt_path={last}", *common])
+    metrics = cli.trainer.callback_metrics
+    assert {"test/loss", "test/entropy", "test/mean_token_accuracy"} <= set(metrics)
+    assert torch.isfinite(metrics["test/loss"])
+    assert "test/loss" in (tmp_path / "test" / "metrics.csv").read_text()
+    assert (tmp_path / "metrics.csv").read_text() == fit_rows  # the training metrics are left alone
+
+    LLMCLI(args=["predict", "--config", sft, "--data.init_args.predict_data=sample:messages",
+                 "--model.init_args.generation_kwargs={max_new_tokens: 6}", f"--ckpt_path={last}", *common])
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    conversations = json.loads("[" + ",".join(
+        (Path(__file__).resolve().parents[2] / "lightning_llm/assets/data/messages.jsonl").read_text().split("\n")[:-1])
+        + "]")
+    assert [line["index"] for line in lines] == list(range(len(conversations)))
+    for line, row in zip(lines, conversations):
+        last_assistant = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        assert line["prompt"] == row["messages"][:last_assistant]
+        assert isinstance(line["completion"], str)
+    assert any(line["completion"].strip() for line in lines)

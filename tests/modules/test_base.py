@@ -4,6 +4,7 @@ HF export, LoRA, and building from a local directory."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -309,3 +310,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok):
         grads.append(torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None]))
     assert module.model.is_gradient_checkpointing
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_tokens": 4}, "unknown setting 'max_tokens'"), ({"max_new_tokens": 0}, "max_new_tokens must be a positive"),
+    ({"do_sample": "yes"}, "do_sample must be true or false"), ({"top_p": 1.5}, "top_p must be in"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+])
+def test_generation_kwargs_are_checked_by_name(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SFTModule("tiny-llama", generation_kwargs=kwargs)
+
+
+def test_predict_completes_each_prompt_in_order(tok, tmp_path):
+    """trainer.predict over predict_data: one record per row, in row order, each the greedy completion generate
+    gives; the JSONL writer writes them; a row without a prompt is refused by index before anything runs."""
+    from lightning_llm import JsonlPredictionWriter
+
+    rows = sample_rows("prompt_only", 5)
+    module = SFTModule("tiny-llama", tokenizer=tok, generation_kwargs={"max_new_tokens": 5})
+    data = SFTDataModule(predict_data=rows, tokenizer=tok, val_batch_size=2)
+    trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=[JsonlPredictionWriter()])
+    records = [r for batch in trainer.predict(module, data) for r in batch]
+    expected = module.generate([row["prompt"] for row in rows], max_new_tokens=5)
+    assert [r["index"] for r in records] == list(range(5))
+    assert [r["completion"] for r in records] == expected
+    written = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert written == records
+    bad = rows[:2] + [{"question": "no prompt here"}]
+    with pytest.raises(ValueError, match=r"predict_data: row 2: no prompt to complete"):
+        SFTDataModule(predict_data=bad, tokenizer=tok).setup("predict")
