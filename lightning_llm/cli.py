@@ -15,13 +15,20 @@ is installed).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
+import re
+import sys
+import tempfile
+import traceback
 import warnings
+from argparse import ArgumentError
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_llm.data.base import LLMDataModule
@@ -87,6 +94,54 @@ def default_loggers(root: str, subcommand: str | None = "fit") -> list[Any]:
     return loggers
 
 
+#: sections of a config whose values are ``class_path`` + ``init_args``
+_CLASS_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
+
+
+def error_key_path(message: str) -> list[str]:
+    """The config path of the value a jsonargparse error is about (``['data', 'init_args', 'batch_size']``), read
+    from its nested ``Parser key "..."`` lines; empty when the message names none."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    path: list[str] = []
+    for key in keys:
+        path += key.split(".")
+        if path[-1] in _CLASS_SECTIONS and len(path) == 1:
+            path.append("init_args")
+    return path if keys and path[-1] != "init_args" else []
+
+
+def error_summary(message: str) -> str:
+    """One line for a jsonargparse error: the value's config path and what was wrong with it."""
+    path = error_key_path(message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if line.startswith(("Expected", "Problem", "Does not", "No"))
+                   and "NoneType" not in line), lines[-1] if lines else message)
+    return f"{'.'.join(path)}: {detail}" if path else " ".join(lines[:3])
+
+
+def error_message(err: BaseException) -> str:
+    """What went wrong, without the wrapping jsonargparse adds when a class's constructor raises (the Union of the
+    class and ``None``, the namespace given): the constructor's own message."""
+    text = str(err)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    inner = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")
+             and "NoneType" not in line]
+    return "; ".join(inner) or text
+
+
+def _drop(config: dict, path: list[str]) -> bool:
+    node = config
+    for key in path[:-1]:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    if isinstance(node, dict) and path[-1] in node:
+        del node[path[-1]]
+        return True
+    return False
+
+
 class LLMCLI(LightningCLI):
     """LightningCLI with lightning_llm's defaults (subclass mode for modules and data modules, rich progress)."""
 
@@ -95,6 +150,50 @@ class LLMCLI(LightningCLI):
             LLMModule, LLMDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
             save_config_kwargs={"overwrite": True}, **kwargs,
         )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does; when a ``--config`` file has wrong values, report every one of them at once
+        (jsonargparse stops at the first), then exit with status 2."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+        if argv is None or "--config" not in argv:
+            return super().parse_arguments(parser, args)
+        try:
+            with _raising(parser):
+                return super().parse_arguments(parser, args)
+        except ArgumentError as first:
+            errors = [error_summary(str(first))] + self._further_config_errors(parser, argv, str(first))
+        sys.stderr.write(f"error: the configuration has {len(errors)} wrong value{'s' * (len(errors) > 1)}:\n")
+        sys.stderr.writelines(f"  - {line}\n" for line in errors)
+        sys.stderr.write(f"(for the accepted options run: lightning-llm {argv[0]} --help)\n")
+        raise SystemExit(2)
+
+    def _further_config_errors(self, parser: Any, argv: list[str], message: str, limit: int = 20) -> list[str]:
+        """The errors after the first: each wrong value is taken out of the merged ``--config`` files in turn, and
+        the rest parsed again."""
+        positions = [i + 1 for i, arg in enumerate(argv) if arg == "--config" and i + 1 < len(argv)]
+        merged: dict = {}
+        for position in positions:
+            with open(argv[position]) as handle:
+                merged = _deep_merge(merged, yaml.safe_load(handle) or {})
+        rest = [arg for i, arg in enumerate(argv)
+                if i not in positions and not (arg == "--config" and i + 1 in positions)]
+        errors: list[str] = []
+        with tempfile.TemporaryDirectory() as directory:
+            for _ in range(limit):
+                path = error_key_path(message)
+                if not path or not _drop(merged, path):
+                    break
+                config = os.path.join(directory, "config.yaml")
+                with open(config, "w") as handle:
+                    yaml.safe_dump(merged, handle)
+                try:
+                    with _raising(parser):
+                        parser.parse_args([*rest[:1], "--config", config, *rest[1:]])
+                    break
+                except ArgumentError as err:
+                    message = str(err)
+                    errors.append(error_summary(message))
+        return errors
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with the rich progress bar added unless it is off or another progress bar is configured, the
@@ -123,10 +222,48 @@ class LLMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+@contextlib.contextmanager
+def _raising(parser: Any) -> Any:
+    """jsonargparse parsers (the subcommands' too) raising ``ArgumentError`` instead of exiting, for a block."""
+    parsers = [parser, *getattr(parser, "_subcommands_action", None)._name_parser_map.values()] \
+        if getattr(parser, "_subcommands_action", None) is not None else [parser]
+    saved = [p.exit_on_error for p in parsers]
+    for p in parsers:
+        p.exit_on_error = False
+    try:
+        yield
+    finally:
+        for p, value in zip(parsers, saved):
+            p.exit_on_error = value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+#: set to 1 to see the traceback of an error instead of its one-line message
+DEBUG_ENV = "LIGHTNING_LLM_DEBUG"
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point of ``lightning-llm``."""
+    """Console entry point of ``lightning-llm``: an error is printed as one line (its traceback goes to a log file,
+    or to the console with ``LIGHTNING_LLM_DEBUG=1``)."""
     quiet_console()
-    LLMCLI(args=args)
+    try:
+        LLMCLI(args=args)
+    except Exception as err:  # noqa: BLE001 - reported, with the traceback kept, and the process fails
+        if os.environ.get(DEBUG_ENV):
+            raise
+        trace = os.path.join(tempfile.gettempdir(), f"lightning-llm-error-{os.getpid()}.log")
+        with open(trace, "w") as handle:
+            traceback.print_exc(file=handle)
+        kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
+        sys.stderr.write(f"error: {kind}{error_message(err)}\n(traceback in {trace}; set {DEBUG_ENV}=1 to print it "
+                         "here)\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

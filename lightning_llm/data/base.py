@@ -219,6 +219,12 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             raise ValueError(f"num_proc must be >= 1 or None, got {num_proc}")
         if shuffle_buffer_size < 1:
             raise ValueError(f"shuffle_buffer_size must be >= 1, got {shuffle_buffer_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1 or None, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
         self.train_data = train_data
         self.val_data = val_data
         self.test_data = test_data
@@ -454,7 +460,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             encoded = self.finalize(encoded, name)
         report.examples = len(encoded)
         self.reports[name] = report
-        log.log(logging.WARNING if report.num_dropped else logging.INFO, "%s", report.summary())
+        log.log(logging.WARNING if report.num_dropped or report.truncated else logging.INFO, "%s", report.summary())
         if not len(encoded):
             raise ValueError(f"{name}: no example left after preparation ({report.summary()})")
         return encoded

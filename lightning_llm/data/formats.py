@@ -22,6 +22,7 @@ any training starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -141,8 +142,8 @@ def validate_text(value: Any, name: str, row: int, column: str, conversational: 
     if not isinstance(value, str):
         expected = "a string" if not is_conversation(value) else "a string (the dataset's first row is standard)"
         raise ValueError(f"{_where(name, row, column)}: expected {expected}, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{_where(name, row, column)}: the text is empty")
+    if not value.strip():
+        raise ValueError(f"{_where(name, row, column)}: the text is empty" + (" (only whitespace)" if value else ""))
 
 
 def _require(row_data: Mapping[str, Any], columns: Iterable[str], name: str, row: int) -> None:
@@ -187,6 +188,8 @@ def validate_row(row_data: Mapping[str, Any], fmt: DataFormat, name: str, row: i
             if not isinstance(row_data["margin"], (int, float)) or isinstance(row_data["margin"], bool):
                 raise ValueError(f"{_where(name, row, 'margin')}: expected a number, got "
                                  f"{type(row_data['margin']).__name__}")
+            if not math.isfinite(row_data["margin"]):
+                raise ValueError(f"{_where(name, row, 'margin')}: expected a finite number, got {row_data['margin']}")
     elif fmt.kind == "unpaired_preference":
         _require(row_data, ["prompt", "completion", "label"], name, row)
         validate_text(row_data["prompt"], name, row, "prompt", conv)

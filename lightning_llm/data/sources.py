@@ -29,6 +29,36 @@ DataSource = Union[str, Sequence[dict], Any]
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def check_utf8(path: Path, chunk_size: int = 1 << 22) -> None:
+    """Raise ``ValueError`` naming the line and byte of the first bytes of ``path`` that are not UTF-8 (Arrow's JSON
+    reader would store them as they are, to fail far from the file)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                pending = len(err.object) - len(chunk)  # bytes of an unfinished character held from the last chunk
+                _raise_not_utf8(path, read - pending + err.start)
+            read += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            _raise_not_utf8(path, read - len(err.object) + err.start)
+
+
+def _raise_not_utf8(path: Path, offset: int) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(offset + 1)
+    line_start = head.rfind(b"\n", 0, offset) + 1
+    line = head.count(b"\n", 0, offset) + 1
+    raise ValueError(f"{path}: line {line}, byte {offset - line_start + 1}: not valid UTF-8 (byte "
+                     f"0x{head[offset]:02x}); save the file as UTF-8") from None
+
+
 def read_json_rows(path: Path) -> list[dict]:
     """Rows of a JSON-lines file (or of a JSON array file), read with the standard library.
 
@@ -171,6 +201,7 @@ def _load_json_file(path: Path, *, name: str, streaming: bool, cache_dir: str | 
     standard library reads it again to name the bad line, or the row and column Arrow could not store."""
     import datasets
 
+    check_utf8(path)
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train", streaming=streaming,
                                      cache_dir=cache_dir)

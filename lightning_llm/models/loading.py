@@ -67,6 +67,42 @@ def model_name(model: ModelLike) -> str:
     return str(model)
 
 
+def check_model_name(name: str, what: str = "model") -> str:
+    """``name`` if it can name a model: an existing directory, a preset, or a hub id (``name`` or ``org/name``).
+
+    Raises ``ValueError`` for a path that does not exist (naming it), and for a misspelled preset (with the nearest
+    preset names), before anything tries the hub.
+    """
+    import difflib
+
+    from lightning_llm.models.presets import PRESETS
+
+    path = Path(name).expanduser()
+    if path.is_dir() or is_preset(name):
+        return name
+    if path.exists():
+        raise ValueError(f"{what}: {name!r} is a file; expected a directory written by save_pretrained, a preset "
+                         f"({', '.join(sorted(PRESETS))}) or a hub id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ValueError(f"{what}: no such directory: {path.resolve()}")
+    close = difflib.get_close_matches(name, sorted(PRESETS), n=3, cutoff=0.75)
+    if close:
+        raise ValueError(f"{what}: unknown preset {name!r}; did you mean {' or '.join(map(repr, close))}? The presets "
+                         f"are {sorted(PRESETS)}")
+    return name
+
+
+def _from_hub(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """``loader(name, **kwargs)``, an ``OSError`` from the hub turned into a ``ValueError`` naming ``name``."""
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(f"{what}: {name!r} is not a local directory or preset, and could not be loaded from the "
+                         f"Hugging Face Hub{offline}: {first}") from err
+
+
 def model_spec(model: PreTrainedModel) -> ModelSpec:
     """What rebuilds ``model``'s architecture (with fresh weights): ``{"config": its config as JSON data}``.
 
@@ -131,7 +167,7 @@ def load_model(
         return _from_spec(model, task, torch_dtype if isinstance(torch_dtype, torch.dtype) else None, num_labels)
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a hub id, a local path, a preset name or a PreTrainedModel, got {type(model)}")
-    name = str(model)
+    name = check_model_name(str(model))
     if not Path(name).is_dir() and is_preset(name):
         overrides = dict(kwargs)
         if attn_implementation is not None:
@@ -142,11 +178,9 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if revision is not None:
         kwargs["revision"] = revision
-    loaded = auto_class(task).from_pretrained(
-        name, dtype=torch.float32 if torch_dtype is None else torch_dtype, trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
-    return loaded
+    return _from_hub(auto_class(task).from_pretrained, name, "model",
+                     dtype=torch.float32 if torch_dtype is None else torch_dtype, trust_remote_code=trust_remote_code,
+                     **kwargs)
 
 
 def load_tokenizer(
@@ -180,14 +214,16 @@ def load_tokenizer(
             )
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
     else:
-        name = str(source)
+        what = "tokenizer" if tokenizer is not None else "model"
+        name = check_model_name(str(source), what)
         if not Path(name).is_dir() and is_preset(name):
             tok = tiny_tokenizer()
         else:
             kwargs = {"revision": revision} if revision is not None else {}
             tok = _declared_tokenizers_backend(name, kwargs)
             if tok is None:
-                tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+                tok = _from_hub(AutoTokenizer.from_pretrained, name, what, trust_remote_code=trust_remote_code,
+                                **kwargs)
     template = None
     if chat_template is not None:
         path = Path(chat_template)

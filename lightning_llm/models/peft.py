@@ -39,6 +39,30 @@ def to_peft_config(peft_config: Any, task_type: str = "CAUSAL_LM"):
     return LoraConfig(**config)
 
 
+def check_peft_config(peft_config: Any, task_type: str = "CAUSAL_LM") -> None:
+    """Build the ``peft.PeftConfig`` of ``peft_config`` once, to refuse a wrong field by name (with the nearest field
+    names) when the module is made, not when training starts."""
+    import dataclasses
+    import difflib
+
+    from peft import LoraConfig
+
+    if isinstance(peft_config, dict):
+        known = {f.name for f in dataclasses.fields(LoraConfig)} if "peft_type" not in peft_config else None
+        unknown = sorted(set(peft_config) - known) if known is not None else []
+        if unknown:
+            aliases = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "modules": "target_modules"}
+            hints = {name: [aliases[name]] if name in aliases else difflib.get_close_matches(name, sorted(known), n=2)
+                     for name in unknown}
+            text = "; ".join(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                             for name, close in hints.items())
+            raise ValueError(f"peft_config: unknown LoraConfig field {text}")
+    try:
+        to_peft_config(peft_config, task_type)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"peft_config: {err}") from err
+
+
 def peft_config_dict(peft_config: Any) -> dict[str, Any]:
     """The fields of a ``peft.PeftConfig`` as plain data (what hyperparameters and YAML hold); ``to_peft_config``
     turns them back into the config."""

@@ -27,7 +27,8 @@ from lightning_llm.data.chat import conversation_text, with_chat_template
 from lightning_llm.data.sampling import finish_epoch_of_last_batch_checkpoint
 from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, model_name, model_spec
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
-from lightning_llm.models.peft import apply_peft, is_peft_model, peft_config_dict
+from lightning_llm.models.peft import apply_peft, check_peft_config, is_peft_model, peft_config_dict
+from lightning_llm.models.presets import is_preset
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
 from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
 from lightning_llm.ops.token_loss import TokenLossFn
@@ -157,6 +158,9 @@ def pass_typed_batches(precision_plugin: Any) -> None:
     precision_plugin.convert_input = convert_input
 
 
+#: PEFT's task type for each kind of model the modules train
+_PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+
 #: the settings ``LLMModule.generate`` takes, with what each must be
 GENERATION_SETTINGS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
                        "batch_size": int}
@@ -257,6 +261,10 @@ class LLMModule(L.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not isinstance(model, (str, os.PathLike, PreTrainedModel, dict)):
             raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
         with warnings.catch_warnings():
@@ -270,6 +278,8 @@ class LLMModule(L.LightningModule):
             revision=revision, model_kwargs=model_kwargs,
         )
         self.gradient_checkpointing = gradient_checkpointing
+        if peft_config is not None:
+            check_peft_config(peft_config, _PEFT_TASKS[self.model_task])
         self.peft_config = peft_config
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -330,9 +340,7 @@ class LLMModule(L.LightningModule):
         if self.peft_config is not None:
             if is_peft_model(model):
                 raise ValueError("peft_config was given but the model already carries PEFT adapters")
-            task_type = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
-                         "token_classification": "TOKEN_CLS"}[self.model_task]
-            model = apply_peft(model, self.peft_config, task_type=task_type)
+            model = apply_peft(model, self.peft_config, task_type=_PEFT_TASKS[self.model_task])
         if self.disable_dropout:
             disable_dropout_in_model(model)
         return model
@@ -748,8 +756,39 @@ class LLMModule(L.LightningModule):
             merged.save_pretrained(directory)
         elif state is not None and not is_peft_model(model):
             unwrap_model(model).save_pretrained(directory, state_dict=state)
+        elif is_peft_model(model):
+            self._save_adapters(model, directory)
         else:
             model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         log.info("Exported %s to %s", model_name(self.model_source), directory)
+
+    def _save_adapters(self, model: nn.Module, directory: Path) -> None:
+        """The adapters alone, their ``base_model_name_or_path`` naming a base that loads offline: the hub id or the
+        directory the policy came from, else (a preset, a model object) the base model written to ``directory/base``.
+        """
+        import copy
+
+        source = self.model_source
+        base: str | None = None
+        if isinstance(source, (str, os.PathLike)) and not is_preset(str(source)):
+            base = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+        else:
+            named = getattr(unwrap_model(model).config, "_name_or_path", "") or ""
+            if named and (Path(named).is_dir() or (not is_preset(named) and named.count("/") == 1)):
+                base = str(Path(named).resolve()) if Path(named).is_dir() else named
+        if base is None:
+            base_dir = directory / "base"
+            copy.deepcopy(model).unload().save_pretrained(base_dir)
+            self.tokenizer.save_pretrained(base_dir)
+            base = str(base_dir.resolve())
+        configs = model.peft_config
+        saved = {name: config.base_model_name_or_path for name, config in configs.items()}
+        try:
+            for config in configs.values():
+                config.base_model_name_or_path = base
+            model.save_pretrained(directory)
+        finally:
+            for name, value in saved.items():
+                configs[name].base_model_name_or_path = value
 

@@ -81,7 +81,11 @@ class KTOModule(PreferenceModule):
         if counts is None:
             return
         num_desirable, num_undesirable = counts
-        if num_desirable and num_undesirable and num_desirable != num_undesirable:
+        if not num_desirable or not num_undesirable:
+            raise ValueError(f"KTO learns from desirable and undesirable examples together; the training data has "
+                             f"{num_desirable} desirable (label true) and {num_undesirable} undesirable (label false) "
+                             "rows")
+        if num_desirable != num_undesirable:
             ranges = kto_weight_ranges(num_desirable, num_undesirable, self.desirable_weight, self.undesirable_weight)
             if not ranges.contains(self.desirable_weight, self.undesirable_weight):
                 log.warning(

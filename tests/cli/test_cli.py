@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,46 @@ def test_test_and_predict_from_a_fit_checkpoint(tmp_path):
         assert line["prompt"] == row["messages"][:last_assistant]
         assert isinstance(line["completion"], str)
     assert any(line["completion"].strip() for line in lines)
+
+
+def test_every_wrong_value_of_a_config_is_listed(tmp_path, capsys):
+    from lightning_llm.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: many\n"
+        "model:\n  class_path: lightning_llm.SFTModule\n  init_args:\n    model: tiny-llama\n    learning_rate: fast\n"
+        "data:\n  class_path: lightning_llm.SFTDataModule\n  init_args:\n    train_data: sample:messages\n"
+        "    batch_size: eight\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the configuration has 3 wrong values" in err
+    for line in ("model.init_args.learning_rate: Expected a <class 'float'>. Got value: fast",
+                 "data.init_args.batch_size: Expected a <class 'int'>. Got value: eight",
+                 "trainer.max_steps: Expected a <class 'int'>. Got value: many"):
+        assert line in err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--model.init_args.model=./no-such-model", "model: no such directory:"),
+    ("--model.init_args.model=tiny-lama", "model: unknown preset 'tiny-lama'; did you mean 'tiny-llama'?"),
+    ("--model.init_args.warmup_steps=-5", "warmup_steps must be >= 0, got -5"),
+])
+def test_an_error_is_one_clear_line_with_the_trace_in_a_file(tmp_path, capsys, monkeypatch, override, words):
+    from lightning_llm.cli import DEBUG_ENV, main
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "sft" / "tiny.yaml"), override, *_fast(tmp_path, steps=1)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    message = next(line for line in err if line.startswith("error:"))
+    assert words in message and "Traceback" not in "\n".join(err)
+    trace = Path(re.search(r"traceback in (\S+);", err[-1]).group(1))
+    assert "Traceback" in trace.read_text()
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        main(["fit", "--config", str(CONFIGS / "sft" / "tiny.yaml"), override, *_fast(tmp_path, steps=1)])

@@ -197,6 +197,9 @@ MALFORMED = {
     "non-numeric margin": ("standard", _margins(2, "high"), 2, "margin", "expected a number"),
     "boolean margin": ("standard", _margins(1, True), 1, "margin", "expected a number"),
     "missing margin in one row": ("standard", _margins(4, None), 4, "margin", "missing"),
+    "NaN margin": ("standard", _margins(3, float("nan")), 3, "margin", "finite number, got nan"),
+    "infinite margin": ("standard", _margins(0, float("-inf")), 0, "margin", "finite number, got -inf"),
+    "whitespace-only rejected": ("standard", _set(2, "rejected", "  \n "), 2, "rejected", "empty .only whitespace"),
 }
 
 

@@ -264,3 +264,20 @@ def test_tokenizer_comes_from_the_module(tmp_path):
     quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, dm)
     assert dm.tokenizer is module.tokenizer
     assert len(dm.train_dataset) == 4
+
+
+def test_truncation_is_counted_and_logged(tok, caplog):
+    rows = [{"text": "short."}, {"text": "a much longer sentence " * 8}, {"text": "another long one " * 9}]
+    with caplog.at_level(logging.WARNING, logger="lightning_llm"):
+        dm = prepared(rows, tok, max_length=16)
+    assert dm.reports["train_data"].truncated == 2 and dm.reports["train_data"].num_dropped == 0
+    assert "truncated 2 to max_length" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"val_batch_size": -1}, "val_batch_size must be >= 1"), ({"num_workers": -1}, "num_workers must be >= 0"),
+    ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be >= 1"), ({"num_proc": 0}, "num_proc must be >= 1"),
+])
+def test_bad_loader_settings_fail_at_construction(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SFTDataModule(**kwargs)

@@ -8,7 +8,7 @@ import datasets
 import pytest
 from helpers import sample_rows
 
-from lightning_llm.data.sources import load_rows, split_rows
+from lightning_llm.data.sources import load_rows, load_source, split_rows
 
 ROWS = [
     {"prompt": "Question: 1+1?", "completion": " two", "score": 0.5},
@@ -105,3 +105,16 @@ def test_split_rows_rejects_bad_fractions(fraction):
 def test_split_rows_needs_two_rows():
     with pytest.raises(ValueError, match="at least 2"):
         split_rows([{"i": 0}], 0.5, seed=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1 << 22])
+def test_bytes_that_are_not_utf8_are_named_by_line_and_byte(tmp_path, chunk_size):
+    from lightning_llm.data.sources import check_utf8
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl: line 3, byte 14: not valid UTF-8 \(byte 0xe9\)"):
+        check_utf8(path, chunk_size=chunk_size)
+    for load in (load_rows, load_source):
+        with pytest.raises(ValueError, match=r"rows.jsonl: line 3, byte 14: not valid UTF-8"):
+            load(str(path))

@@ -189,3 +189,27 @@ def test_peft_from_a_dict():
 def test_tokenizer_loaded_by_auto_class_from_directory(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).eos_token == "<|im_end|>"
+
+
+def test_a_missing_directory_and_a_misspelled_preset_are_named(tmp_path):
+    from lightning_llm.models.loading import check_model_name
+
+    with pytest.raises(ValueError, match=r"model: no such directory: .*nope"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"model: no such directory: .*outputs/sft/hf"):
+        load_model("outputs/sft/hf")
+    with pytest.raises(ValueError, match=r"unknown preset 'tiny-lama'; did you mean 'tiny-llama'\?"):
+        load_model("tiny-lama")
+    with pytest.raises(ValueError, match=r"tokenizer: unknown preset 'tiny-qwen'; did you mean 'tiny-qwen2'"):
+        load_tokenizer("tiny-qwen")
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(ValueError, match=r"is a file; expected a directory"):
+        load_model(str(tmp_path / "weights.bin"))
+    assert check_model_name("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id is left to the hub
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model: 'nobody/no-such-model' is not a local directory or preset, and "
+                                         r"could not be loaded from the Hugging Face Hub \(HF_HUB_OFFLINE is set"):
+        load_model("nobody/no-such-model")

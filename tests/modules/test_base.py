@@ -265,6 +265,15 @@ def test_lora_trains_only_adapters_and_merged_export_matches(tok, tmp_path):
     adapters = tmp_path / "adapters"
     module.export_hf(adapters, merge_adapters=False)
     assert (adapters / "adapter_config.json").is_file() and not (adapters / "config.json").is_file()
+    # the adapters of a preset name their base, written beside them, so PEFT loads them offline
+    from peft import AutoPeftModelForCausalLM
+
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((adapters / "base").resolve())
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(adapters).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, peft_logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_module_from_a_local_save_pretrained_directory(tmp_path):
@@ -340,3 +349,13 @@ def test_predict_completes_each_prompt_in_order(tok, tmp_path):
     bad = rows[:2] + [{"question": "no prompt here"}]
     with pytest.raises(ValueError, match=r"predict_data: row 2: no prompt to complete"):
         SFTDataModule(predict_data=bad, tokenizer=tok).setup("predict")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"weight_decay": -1.0}, "weight_decay must be >= 0"), ({"warmup_steps": -5}, "warmup_steps must be >= 0"),
+    ({"peft_config": {"rank": 8}}, r"unknown LoraConfig field 'rank' \(did you mean 'r'\?\)"),
+    ({"peft_config": {"r": 8, "lora_alhpa": 16}}, r"'lora_alhpa' \(did you mean 'lora_alpha'"),
+])
+def test_settings_that_would_fail_at_fit_fail_at_construction(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SFTModule("tiny-llama", **kwargs)

@@ -156,3 +156,12 @@ def test_learns(tok):
     assert after["val/loss"] < before["val/loss"] - 0.05
     assert after["val/rewards/margins"] > before["val/rewards/margins"] + 0.5
     assert after["val/rewards/chosen"] > after["val/rewards/rejected"]
+
+
+def test_data_of_one_class_is_refused_before_training():
+    from lightning_llm import UnpairedPreferenceDataModule
+
+    rows = [dict(row, label=True) for row in sample_rows("unpaired_preference", 8)]
+    module = KTOModule("tiny-llama")
+    with pytest.raises(ValueError, match=r"the training data has 8 desirable \(label true\) and 0 undesirable"):
+        quiet_trainer(max_steps=1).fit(module, UnpairedPreferenceDataModule(rows, batch_size=4))
