@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_llm.callbacks._export import build_replica, export_like_module, policy_state_dict
+from lightning_llm.models.export import build_replica, export_like_module, policy_state_dict
 from lightning_llm.models.sharding import fsdp1_root, full_parameters, named_parameters, read_full, write_full
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from lightning_llm.callbacks._export import build_replica, plain_model, policy_state_dict, save_hf
+from lightning_llm.models.export import build_replica, plain_model, policy_state_dict, save_hf
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ Every rank must run these helpers together, in the same order: each gather is a 
 
 from __future__ import annotations
 
+import types
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -154,3 +155,49 @@ def _state_items(module: nn.Module) -> list[tuple[str, Tensor]]:
             if buffer is not None and name not in skip:
                 items.append((f"{prefix}.{name}" if prefix else name, buffer))
     return items
+
+
+#: the method FSDP2 treats as a forward of a sharded model (see :func:`run_in_forward`)
+_FORWARD_METHOD = "_lightning_llm_forward"
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any, **fully_shard_kwargs: Any) -> nn.Module:
+    """``fully_shard`` (FSDP2) each transformer block of ``model`` (the classes its ``_no_split_modules`` names), then
+    the whole model, over ``mesh``; ``model`` can then run code with its parameters gathered through
+    :func:`run_in_forward`. Returns ``model`` (sharded in place)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from lightning_llm.models.parts import unwrap_model
+
+    block_names = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} names no transformer block to shard "
+                         "(its _no_split_modules is empty)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    object.__setattr__(model, _FORWARD_METHOD, types.MethodType(_call, model))
+    register_fsdp_forward_method(model, _FORWARD_METHOD)
+    return model
+
+
+def _call(module: nn.Module, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return function(module, *args, **kwargs)
+
+
+def run_in_forward(model: nn.Module, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(model, *args, **kwargs)``, as a forward of ``model`` when it is sharded with :func:`shard_fsdp2`.
+
+    Code that uses the model's parts rather than its ``forward`` (the log-prob path runs the backbone, then the
+    head on its own) needs this under FSDP2: the parameters of the model's own unit (the head, the embeddings) are
+    gathered before and released after, and their gradients are reduced with the blocks' like in a forward.
+    """
+    method = getattr(model, _FORWARD_METHOD, None)
+    if method is None:
+        return function(model, *args, **kwargs)
+    return method(function, *args, **kwargs)
+
+
+def is_sharded_fsdp2(model: nn.Module) -> bool:
+    return getattr(model, _FORWARD_METHOD, None) is not None

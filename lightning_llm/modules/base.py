@@ -25,10 +25,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_llm.data.batches import IGNORE_INDEX, Batch, PromptBatch
 from lightning_llm.data.chat import conversation_text, with_chat_template
 from lightning_llm.data.sampling import finish_epoch_of_last_batch_checkpoint
+from lightning_llm.models.export import build_replica
 from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, model_name, model_spec
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, check_peft_config, is_peft_model, peft_config_dict
 from lightning_llm.models.presets import is_preset
+from lightning_llm.models.sharding import fsdp1_root, full_state_dict, is_sharded_fsdp2, run_in_forward, shard_fsdp2
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
 from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
 from lightning_llm.ops.token_loss import TokenLossFn
@@ -349,6 +351,19 @@ class LLMModule(L.LightningModule):
         """Build the policy (once). Lightning calls this inside the strategy's context (meta-device / sharded init)."""
         if self.model is None:
             self.model = self._prepare_policy(self.build_model())
+        self.shard(self.model)
+
+    def shard(self, model: nn.Module | None) -> nn.Module | None:
+        """Shard ``model`` with FSDP2 over the data-parallel dimension of the strategy's device mesh (Lightning's
+        ``ModelParallelStrategy``; nothing happens under any other strategy, which shards models itself, or once
+        ``model`` is sharded)."""
+        mesh = self.device_mesh
+        if model is None or mesh is None or is_sharded_fsdp2(model):
+            return model
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        return shard_fsdp2(model, dp_mesh)
 
     def ensure_model(self) -> nn.Module:
         """The policy, built now if ``configure_model`` has not run yet (e.g. generation before training)."""
@@ -406,12 +421,16 @@ class LLMModule(L.LightningModule):
         :func:`lightning_llm.ops.linear_logprobs`; the full ``[B, T, V]`` logits are never built. Positions whose
         label is ``-100`` read 0 and cost no head work. Outputs have shape ``[B, T-1]``.
         """
-        hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask, position_ids)
-        return linear_logprobs(
-            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
-            return_is_top1=return_is_top1, return_mean_logits=return_mean_logits,
-            return_log_sum_sq_probs=return_log_sum_sq_probs, **options,
-        )
+        def score(model: nn.Module) -> TokenLogProbs:
+            hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask,
+                                                                 position_ids)
+            return linear_logprobs(
+                hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
+                return_is_top1=return_is_top1, return_mean_logits=return_mean_logits,
+                return_log_sum_sq_probs=return_log_sum_sq_probs, **options,
+            )
+
+        return run_in_forward(model, score)
 
     def token_loss(
         self,
@@ -432,11 +451,15 @@ class LLMModule(L.LightningModule):
         The same backbone and head as :meth:`token_logprobs`, scored by :func:`lightning_llm.ops.linear_token_loss`
         (``token_inputs`` are ``[B, T-1]`` constants handed to ``token_loss``). Per-token outputs are ``[B, T-1]``.
         """
-        hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask, position_ids)
-        return linear_token_loss(
-            hidden, weight, targets, token_loss, token_inputs=token_inputs, temperature=temperature,
-            return_entropy=return_entropy, return_is_top1=return_is_top1, **options,
-        )
+        def score(model: nn.Module) -> TokenLoss:
+            hidden, targets, weight, options = self._head_inputs(model, input_ids, labels, attention_mask,
+                                                                 position_ids)
+            return linear_token_loss(
+                hidden, weight, targets, token_loss, token_inputs=token_inputs, temperature=temperature,
+                return_entropy=return_entropy, return_is_top1=return_is_top1, **options,
+            )
+
+        return run_in_forward(model, score)
 
     def fuses_token_loss(self, fuse: bool | None, device: torch.device | None = None) -> bool:
         """Whether a per-token loss should go through :meth:`token_loss` rather than :meth:`token_logprobs`.
@@ -723,43 +746,42 @@ class LLMModule(L.LightningModule):
         """
         merge = self.merge_adapters if merge_adapters is None else merge_adapters
         directory = Path(directory)
-        state = None
+        model = self.ensure_model()
         distributed = self._trainer is not None and self.trainer.world_size > 1
         if distributed:
-            full = self.trainer.strategy.lightning_module_state_dict()
-            state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-        self._write_hf(directory, merge, state)
+            # Every strategy's shards (FSDP1, FSDP2, ZeRO-3) gathered into one CPU replica on rank 0.
+            state = full_state_dict(model, root=fsdp1_root(self.trainer), keep=self.trainer.is_global_zero)
+            if self.trainer.is_global_zero:
+                model = build_replica(model, state)
+        self._write_hf(directory, merge, model, copy_before_merging=not distributed)
         if distributed:
             self.trainer.strategy.barrier("export_hf")
         return directory
 
     @rank_zero_only
-    def _write_hf(self, directory: Path, merge: bool, state: dict[str, Tensor] | None) -> None:
+    def _write_hf(self, directory: Path, merge: bool, model: nn.Module, copy_before_merging: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         # transformers' "Writing model shards" bar would cut into a live progress display
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            self._save_pretrained(directory, merge, state)
+            self._save_pretrained(directory, merge, model, copy_before_merging)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
 
-    def _save_pretrained(self, directory: Path, merge: bool, state: dict[str, Tensor] | None) -> None:
+    def _save_pretrained(self, directory: Path, merge: bool, model: nn.Module, copy_before_merging: bool) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        model = self.ensure_model()
         if is_peft_model(model) and merge:
             import copy
 
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(directory)
-        elif state is not None and not is_peft_model(model):
-            unwrap_model(model).save_pretrained(directory, state_dict=state)
+            # the live policy keeps its adapters (merging in place and back out is not exact); a replica can merge
+            (copy.deepcopy(model) if copy_before_merging else model).merge_and_unload().save_pretrained(directory)
         elif is_peft_model(model):
             self._save_adapters(model, directory)
         else:
-            model.save_pretrained(directory)
+            unwrap_model(model).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         log.info("Exported %s to %s", model_name(self.model_source), directory)
 

@@ -192,6 +192,7 @@ class PreferenceModule(LLMModule, abc.ABC):
         super().configure_model()
         if self.ref_model is None and self.uses_reference and not self._reference_precomputed:
             self.ref_model = self._build_reference()
+        self.shard(self.ref_model)
 
     def _build_reference(self) -> nn.Module | None:
         if self.ref_model_source is None and is_peft_model(self.model):

@@ -1,7 +1,7 @@
-"""Writing a policy, or weights derived from it, in Hugging Face format from a callback.
+"""Writing a policy, or weights derived from it, in Hugging Face format (the module's export, and callbacks').
 
 The live policy may be sharded, wrapped and on an accelerator, and must not be disturbed (merging LoRA in place and
-back out is not exact in floating point). So callbacks gather a full CPU ``state_dict`` (:func:`full_state_dict`),
+back out is not exact in floating point). So the writers gather a full CPU ``state_dict`` (:func:`full_state_dict`),
 edit it, and load it into a CPU *replica*: the same architecture (and adapters) built on the meta device, whose
 tensors become the state's own (``assign=True``): no random initialisation, no second copy.
 """

@@ -1,0 +1,79 @@
+"""A short SFT or DPO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of each step and
+exports the model.
+
+    python _strategy_script.py ALGO STRATEGY OUT      # ALGO: sft | dpo; STRATEGY: single | ddp | fsdp2
+
+The global batch is 8 examples in every case (8 on one process, 4 on each of two), in order, so the runs compare
+step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+
+import lightning_llm as llm
+from lightning_llm.data.sources import load_rows
+from lightning_llm.models.sharding import is_sharded_fsdp2
+
+STEPS = 3
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.tokens: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.callback_metrics["loss"]))
+        self.tokens.append(float(trainer.callback_metrics["num_tokens"]))
+
+
+def strategy(name: str):
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return "ddp" if name == "ddp" else "auto"
+
+
+def run(algo: str, strategy_name: str, out: str) -> None:
+    seed_everything(0)
+    devices = 1 if strategy_name == "single" else 2
+    optimizer = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731
+    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # noqa: E731
+    common = dict(optimizer=optimizer, scheduler=scheduler, export_dir=os.path.join(out, "hf"))
+    per_rank = 8 // devices
+    if algo == "sft":
+        module = llm.SFTModule("tiny-llama", **common)
+        data = llm.SFTDataModule(load_rows("sample:messages")[:24], batch_size=per_rank, shuffle=False,
+                                 max_length=96)
+    else:
+        module = llm.DPOModule("tiny-llama", beta=0.5, **common)
+        data = llm.PreferenceDataModule(load_rows("sample:preference")[:24], batch_size=per_rank, shuffle=False,
+                                        max_length=64)
+    losses = Losses()
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy(strategy_name), max_steps=STEPS,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses])
+    trainer.fit(module, data)
+    if trainer.is_global_zero:
+        with open(os.path.join(out, "losses.json"), "w") as handle:
+            json.dump({"world_size": trainer.world_size, "losses": losses.losses, "num_tokens": losses.tokens,
+                       "sharded": is_sharded_fsdp2(module.model), "strategy": type(trainer.strategy).__name__}, handle)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(*sys.argv[1:4])
+    sys.exit(0)
