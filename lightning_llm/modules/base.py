@@ -747,7 +747,8 @@ class LLMModule(L.LightningModule):
         merge = self.merge_adapters if merge_adapters is None else merge_adapters
         directory = Path(directory)
         model = self.ensure_model()
-        distributed = self._trainer is not None and self.trainer.world_size > 1
+        distributed = self._trainer is not None and (self.trainer.world_size > 1 or type(self.trainer.strategy).__name__
+                                                     in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"))
         if distributed:
             # Every strategy's shards (FSDP1, FSDP2, ZeRO-3) gathered into one CPU replica on rank 0.
             state = full_state_dict(model, root=fsdp1_root(self.trainer), keep=self.trainer.is_global_zero)

@@ -200,3 +200,20 @@ def test_an_error_is_one_clear_line_with_the_trace_in_a_file(tmp_path, capsys, m
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(ValueError, match=re.escape(words)):
         main(["fit", "--config", str(CONFIGS / "sft" / "tiny.yaml"), override, *_fast(tmp_path, steps=1)])
+
+
+@pytest.mark.parametrize("strategy", sorted((CONFIGS / "strategy").glob("*.yaml")), ids=lambda p: p.stem)
+def test_strategy_configs_combine_with_a_recipe(strategy, capsys):
+    assert {"ddp", "fsdp", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3"} <= {
+        p.stem for p in (CONFIGS / "strategy").glob("*.yaml")}
+    with pytest.raises(SystemExit) as exit_info:
+        LLMCLI(args=["fit", "--config", str(CONFIGS / "dpo" / "tiny.yaml"), "--config", str(strategy),
+                     "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    given = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]
+    if isinstance(given, str):
+        assert printed == given
+    else:  # the class and every given argument (a wrong argument would silently leave the strategy at "auto")
+        assert printed["class_path"] == given["class_path"]
+        assert given["init_args"].items() <= printed["init_args"].items()
