@@ -28,6 +28,8 @@ class SyncRefModelCallback(L.Callback):
 
     def __init__(self, sync_steps: int = 512, alpha: float = 0.6) -> None:
         self.schedule = ReferenceSync(sync_steps, alpha)
+        self._module: L.LightningModule | None = None
+        self._pending_reference: dict[str, Any] | None = None
 
     @property
     def sync_steps(self) -> int:
@@ -44,13 +46,24 @@ class SyncRefModelCallback(L.Callback):
                 "missing or None (a PEFT policy uses itself with adapters disabled as reference, and reference-free "
                 "losses have none)"
             )
+        self._module = pl_module
+        if self._pending_reference is not None:
+            # the module leaves its reference out of checkpoints (it rebuilds it from its source); the mixed one is here
+            pl_module.ref_model.load_state_dict(self._pending_reference)
+            self._pending_reference = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.schedule.maybe_sync(trainer.global_step, pl_module.ref_model, pl_module.model, root=fsdp1_root(trainer))
 
     def state_dict(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
+        """When the reference has been mixed, its weights too: a resumed run continues from the mixed reference."""
+        state = self.schedule.state_dict()
+        ref_model = getattr(self._module, "ref_model", None)
+        if ref_model is not None and self.schedule.last_step > 0:
+            state["reference"] = {name: value.detach().clone() for name, value in ref_model.state_dict().items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state_dict)
+        self._pending_reference = state_dict.get("reference")

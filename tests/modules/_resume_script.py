@@ -91,9 +91,10 @@ def dpo_epoch_boundary(out: str):
 
 @case("kto_accumulate", max_steps=8, accumulate=2, every=2)
 def kto_accumulate(out: str):
+    """KTO with TR-DPO-style reference mixing by the callback (whose state holds the mixed reference)."""
     module = llm.KTOModule("tiny-llama", learning_rate=5e-3)
     data = llm.UnpairedPreferenceDataModule(rows("unpaired_preference", 20), batch_size=4, max_length=64)
-    return module, data, []
+    return module, data, [llm.SyncRefModelCallback(sync_steps=3, alpha=0.5)]
 
 
 @case("bco", max_steps=8, accumulate=1, every=3)
