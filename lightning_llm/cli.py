@@ -198,13 +198,15 @@ class LLMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with the rich progress bar added unless it is off or another progress bar is configured, the
         default loggers unless others are configured, and without the recipe's checkpoint callback when
-        ``--trainer.enable_checkpointing=false``."""
+        ``--trainer.enable_checkpointing=false`` or when not fitting (validate, test, predict save nothing)."""
         from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_checkpointing") is False and any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        fitting = self.subcommand in (None, "fit")
+        if (config.get("enable_checkpointing") is False or not fitting) and any(
+                isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
             config["callbacks"] = callbacks
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):

@@ -137,7 +137,10 @@ def test_test_and_predict_from_a_fit_checkpoint(tmp_path):
     fit_rows = (tmp_path / "metrics.csv").read_text()
     last = str(tmp_path / "checkpoints" / "last.ckpt")
 
-    cli = LLMCLI(args=["test", "--config", sft, "--data.init_args.test_data=sample:messages",
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join((Path(__file__).resolve().parents[2] / "lightning_llm/assets/data/messages.jsonl")
+                              .read_text().splitlines()[:12]) + "\n")
+    cli = LLMCLI(args=["test", "--config", sft, f"--data.init_args.test_data={rows}",
                        f"--ckpt_path={last}", *common])
     metrics = cli.trainer.callback_metrics
     assert {"test/loss", "test/entropy", "test/mean_token_accuracy"} <= set(metrics)
@@ -145,12 +148,10 @@ def test_test_and_predict_from_a_fit_checkpoint(tmp_path):
     assert "test/loss" in (tmp_path / "test" / "metrics.csv").read_text()
     assert (tmp_path / "metrics.csv").read_text() == fit_rows  # the training metrics are left alone
 
-    LLMCLI(args=["predict", "--config", sft, "--data.init_args.predict_data=sample:messages",
+    LLMCLI(args=["predict", "--config", sft, f"--data.init_args.predict_data={rows}",
                  "--model.init_args.generation_kwargs={max_new_tokens: 6}", f"--ckpt_path={last}", *common])
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    conversations = json.loads("[" + ",".join(
-        (Path(__file__).resolve().parents[2] / "lightning_llm/assets/data/messages.jsonl").read_text().split("\n")[:-1])
-        + "]")
+    conversations = [json.loads(line) for line in rows.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(len(conversations)))
     for line, row in zip(lines, conversations):
         last_assistant = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")

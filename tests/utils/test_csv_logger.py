@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from helpers import quiet_trainer, sample_rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -22,6 +23,7 @@ def fit(tmp_path, steps, ckpt_path=None):
     return [row for row in csv.DictReader((tmp_path / "metrics.csv").open()) if row.get("loss")]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_earlier_rows_once(tmp_path):
     first = fit(tmp_path, steps=8)
     assert [int(r["step"]) for r in first] == list(range(8))
