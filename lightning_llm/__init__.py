@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "PreferenceDataModule": "lightning_llm.data.preference",
     "UnpairedPreferenceDataModule": "lightning_llm.data.unpaired",
     "StepwiseDataModule": "lightning_llm.data.stepwise",
+    "PromptDataModule": "lightning_llm.data.prompts",
+    "GenerationSchedule": "lightning_llm.data.sampling",
     # models
     "load_model": "lightning_llm.models.loading",
     "load_tokenizer": "lightning_llm.models.loading",

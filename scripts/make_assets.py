@@ -81,6 +81,17 @@ def _questions(rng: random.Random) -> list[tuple[str, str, str]]:
     return items
 
 
+def _solutions() -> dict[str, str]:
+    """The short gold answer of every question (the ``solution`` column of the prompt-only sample, what an
+    exact-answer reward compares a completion's answer with)."""
+    solutions = {f"What is {a} plus {b}?": str(a + b) for a in range(10) for b in range(10)}
+    solutions.update({f"What is the capital of {country}?": capital for country, capital in CAPITALS.items()})
+    solutions.update({f"What is the opposite of {word}?": opposite for word, opposite in OPPOSITES.items()})
+    solutions.update({f"What colour is {thing}?": colour for thing, colour in COLOURS.items()})
+    solutions.update({f"What sound does a {animal} make?": sound for animal, sound in SOUNDS.items()})
+    return solutions
+
+
 def _user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
@@ -139,7 +150,8 @@ def build_datasets(seed: int = 0) -> dict[str, list[dict]]:
         if i % 2 == 0:
             unpaired.append({"prompt": [_user(q)], "completion": [_assistant(w)], "label": False})
     datasets["unpaired_preference"] = unpaired
-    datasets["prompt_only"] = [{"prompt": [_user(q)]} for q, _, _ in items]
+    solutions = _solutions()
+    datasets["prompt_only"] = [{"prompt": [_user(q)], "solution": solutions[q]} for q, _, _ in items]
     datasets["stepwise"] = _stepwise(rng)
     return datasets
 
@@ -163,13 +175,16 @@ def _stepwise(rng: random.Random, n: int = 160) -> list[dict]:
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+#: columns left out of the tokenizer's training corpus (added after the tokenizer was first trained; the answers
+#: they hold are in the corpus already, inside the sentences)
+NOT_IN_CORPUS = ("solution",)
 
 
 def _corpus(datasets: dict[str, list[dict]]) -> list[str]:
     texts = []
     for rows in datasets.values():
         for row in rows:
-            texts.append(json.dumps(row, ensure_ascii=False))
+            texts.append(json.dumps({k: v for k, v in row.items() if k not in NOT_IN_CORPUS}, ensure_ascii=False))
     texts += [f"<|im_start|>{role}\n" for role in ("system", "user", "assistant")]
     return texts
 

@@ -174,6 +174,8 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
     accepted_kinds: tuple[str, ...] = ()
     #: raise when what :meth:`encode` makes changes, so that no older cached preparation is loaded
     preparation_version: int = 1
+    #: keep every source column beside what :meth:`encode` returns (the online algorithms' reward functions read them)
+    keeps_source_columns: bool = False
 
     def __init__(
         self,
@@ -447,14 +449,21 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             rows = self.preprocess(source, name)
             fmt = self.check_format(detect_format(rows.column_names, plain_row(rows[0])), name)
             self.format = fmt
+            made = self.example_features(rows.column_names, fmt)
+            kept = {}
+            if self.keeps_source_columns:
+                clash = sorted(set(made) & set(rows.column_names))
+                if clash:
+                    raise ValueError(f"{name}: column(s) {clash} are names {type(self).__name__} writes itself; "
+                                     "rename them in the data")
+                kept = dict(rows.features)
             features = datasets.Features({
-                **self.example_features(rows.column_names, fmt), _DROP: datasets.Value("string"),
-                _TRUNCATED: datasets.Value("bool"),
+                **kept, **made, _DROP: datasets.Value("string"), _TRUNCATED: datasets.Value("bool"),
             })
             encoded = self.cached_map(
                 rows, self._encode_rows, step="encode", batched=True, with_indices=True, features=features,
-                remove_columns=rows.column_names, fn_kwargs={"fmt": fmt, "name": name}, num_proc=self.num_proc,
-                desc=f"Preparing {name}",
+                remove_columns=[] if self.keeps_source_columns else rows.column_names,
+                fn_kwargs={"fmt": fmt, "name": name}, num_proc=self.num_proc, desc=f"Preparing {name}",
             )
             encoded, report = self._apply_drops(encoded, name)
             encoded = self.finalize(encoded, name)
@@ -535,7 +544,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
             examples = []
             notes_of = [RowNotes(name) for _ in block]
             encoded = self.encode_batch([plain_row(row) for row in block], fmt, list(indices), notes_of)
-            for example, index, notes in zip(encoded, indices, notes_of):
+            for row, example, index, notes in zip(block, encoded, indices, notes_of):
                 report.rows += 1
                 if example is None:
                     report.drop(notes.dropped or "dropped", index)
@@ -543,7 +552,7 @@ class LLMDataModule(L.LightningDataModule, abc.ABC):
                     continue
                 report.truncated += notes.truncated
                 report.examples += 1
-                examples.append(example)
+                examples.append({**row, **example} if self.keeps_source_columns else example)
             return examples
 
         size = self.batch_size if name == "train_data" else self.val_batch_size

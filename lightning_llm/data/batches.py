@@ -12,8 +12,8 @@ batch              holds                                                        
 ``UnpairedBatch``  ``B`` sequences with a desirable/undesirable label; the         ``UnpairedPreferenceDataModule``
                    mismatched KL sequences; reference logps
 ``StepBatch``      ``input_ids`` and a class per token (``-100`` = unlabelled)     ``StepwiseDataModule``
-``PromptBatch``    prompts (strings or conversations) and their rows               every data module's
-                                                                                  ``predict_data``
+``PromptBatch``    prompts (strings or conversations), their rows, token ids and    ``PromptDataModule``, every
+                   place in the generation schedule                                data module's ``predict_data``
 =================  ============================================================  ==============================
 
 Layouts: *padded* batches are ``[R, T]`` right-padded with an ``attention_mask``; *padding-free* ones are one row
@@ -180,8 +180,18 @@ class StepBatch(Batch):
 @dataclass(frozen=True)
 class PromptBatch(Batch):
     """Prompts to complete: strings or conversations (``prompts``), the row each came from (``indices``), and the
-    rows' other columns (``rows``; what reward functions read)."""
+    rows' other columns (``rows``; what reward functions read).
+
+    From :class:`~lightning_llm.data.prompts.PromptDataModule` a batch also carries each prompt's token ids
+    (``prompt_ids``, unpadded) and where it stands in the generation schedule: every batch of one generation batch has
+    the same ``generation`` number (unique within a run), and ``repeat`` counts the batches of it so far (``0`` to
+    ``steps_per_generation * num_iterations - 1``); a module generates at a new ``generation`` number and trains the
+    slice ``repeat % steps_per_generation`` of what it generated.
+    """
 
     prompts: list
     indices: list[int]
     rows: list[dict] | None = None
+    prompt_ids: list[list[int]] | None = None
+    generation: int | None = None
+    repeat: int = 0

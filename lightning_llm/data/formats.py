@@ -33,6 +33,9 @@ SHAREGPT_ROLES = {
     "observation": "tool", "function_call": "assistant",
 }
 
+#: roles a conversational prompt to complete may end on
+PROMPT_END_ROLES = ("user", "tool")
+
 KINDS = (
     "language_modeling", "prompt_completion", "preference", "unpaired_preference", "prompt_only",
     "stepwise_supervision",
@@ -200,6 +203,11 @@ def validate_row(row_data: Mapping[str, Any], fmt: DataFormat, name: str, row: i
     elif fmt.kind == "prompt_only":
         _require(row_data, ["prompt"], name, row)
         validate_text(row_data["prompt"], name, row, "prompt", conv)
+        if conv and row_data["prompt"][-1]["role"] not in PROMPT_END_ROLES:
+            raise ValueError(
+                f"{_where(name, row, 'prompt')}: the conversation ends on a {row_data['prompt'][-1]['role']!r} turn; a "
+                "prompt to complete must end on a user (or tool) turn, the assistant's answer being what is generated"
+            )
     elif fmt.kind == "stepwise_supervision":
         _require(row_data, ["prompt", "completions", "labels"], name, row)
         validate_text(row_data["prompt"], name, row, "prompt", False)
