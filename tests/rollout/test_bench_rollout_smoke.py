@@ -1,0 +1,38 @@
+"""The rollout benchmark keeps working: its smoke mode runs every CPU candidate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_rollout.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_rollout", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_rollout"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_cpu_candidate(tmp_path):
+    bench = _load()
+    out = tmp_path / "rollout.json"
+    results = bench.main(["--smoke", "--candidates", "hf_generate", "hf_generate_static", "engine_hf", "engine_fast",
+                          "engine_fast_static", "--out", str(out)])
+    by_name = {r["name"]: r for r in results}
+    assert "skipped" in by_name["hf_generate_static"]  # CUDA only
+    setup = bench.Setup.smoke()
+    for name in ("hf_generate", "engine_hf", "engine_fast", "engine_fast_static"):
+        assert "error" not in by_name[name], by_name[name]
+        # EOS never occurs: every call generates exactly new_tokens per prompt
+        assert by_name[name]["tokens_per_call"] == setup.batch_sizes[0] * setup.new_tokens
+        assert by_name[name]["tokens_per_s"] > 0 and by_name[name]["memory_call_last_mib"] > 0
+    assert json.loads(out.read_text())["results"] == results
+    assert "vs HF" in bench.format_table(results)
