@@ -14,6 +14,8 @@ batch              holds                                                        
 ``StepBatch``      ``input_ids`` and a class per token (``-100`` = unlabelled)     ``StepwiseDataModule``
 ``PromptBatch``    prompts (strings or conversations), their rows, token ids and    ``PromptDataModule``, every
                    place in the generation schedule                                data module's ``predict_data``
+``RolloutBatch``   generated completions after their prompts, advantages and the   the online modules, from a
+                   log-probs of generation time                                    ``PromptBatch``
 =================  ============================================================  ==============================
 
 Layouts: *padded* batches are ``[R, T]`` right-padded with an ``attention_mask``; *padding-free* ones are one row
@@ -195,3 +197,62 @@ class PromptBatch(Batch):
     prompt_ids: list[list[int]] | None = None
     generation: int | None = None
     repeat: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutBatch(Batch):
+    """``B`` generated completions, ready for a policy-gradient loss (made by an online module from the completions
+    of a :class:`PromptBatch`, TRL's ``_generate_and_score_completions`` output).
+
+    Prompts are left-padded ``[B, P]``, completions right-padded ``[B, C]``: ``input_ids`` is their concatenation.
+    ``completion_mask`` is 1 on the completion tokens that are trained (up to and with the first EOS; all 0 for a
+    truncated completion under ``mask_truncated_completions``). ``advantages`` is ``[B]``; ``num_items_in_batch`` the
+    trained completion tokens of the whole generation batch over all processes (what the token-sum losses divide by).
+    The per-token log-probs of generation time are ``[B, C]``, ``None`` where not computed: the policy's
+    (``old_per_token_logps``, for importance ratios), the reference model's, and the sampling engine's own.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    advantages: Tensor
+    num_items_in_batch: Tensor
+    old_per_token_logps: Tensor | None = None
+    ref_per_token_logps: Tensor | None = None
+    sampling_per_token_logps: Tensor | None = None
+
+    @property
+    def input_ids(self) -> Tensor:
+        """``[B, P + C]`` prompt and completion ids."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """``[B, P + C]`` 1 on prompt tokens and on trained completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def num_tokens(self) -> Tensor:
+        return self.attention_mask.sum()
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        """The completions at ``rows`` (a ``[k]`` index tensor), with the padding no selected row needs cut off."""
+        picked = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            picked[item.name] = value[rows] if isinstance(value, Tensor) and value.dim() > 0 else value
+        prompt_width = int(picked["prompt_mask"].sum(dim=1).max().item()) if rows.numel() else 0
+        completion_width = int(picked["completion_mask"].sum(dim=1).max().item()) if rows.numel() else 0
+        completion_width = max(completion_width, 1)
+        total_p = picked["prompt_ids"].shape[1]
+        for name in ("prompt_ids", "prompt_mask"):
+            picked[name] = picked[name][:, total_p - max(prompt_width, 1):]
+        for name in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
+                     "sampling_per_token_logps"):
+            if picked[name] is not None:
+                picked[name] = picked[name][:, :completion_width]
+        return RolloutBatch(**picked)

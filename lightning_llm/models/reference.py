@@ -112,3 +112,40 @@ class ReferenceSync:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = int(state.get("last_step", -1))
+
+
+# ------------------------------------------------------------------------------------------ the frozen reference
+#: where a module keeps its reference model, so its weights sit under this prefix in a state dict
+REF_PREFIX = "ref_model."
+
+
+def frozen_reference(source: Any, *, task: str = "causal_lm", load_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A frozen reference model: a copy of ``source`` (a model object), or loaded from it (an id, a directory, a
+    preset); no gradient, eval mode, dropout off."""
+    import copy
+
+    from lightning_llm.models.loading import load_model
+    from lightning_llm.utils.model import disable_dropout_in_model
+
+    ref = copy.deepcopy(source) if isinstance(source, nn.Module) else load_model(source, task=task,
+                                                                                 **(load_kwargs or {}))
+    ref.requires_grad_(False)
+    ref.eval()
+    disable_dropout_in_model(ref)
+    return ref
+
+
+def drop_reference_weights(checkpoint: dict[str, Any]) -> None:
+    """Leave a frozen reference's weights out of ``checkpoint`` (it is rebuilt from its source when loaded)."""
+    state = checkpoint.get("state_dict", {})
+    for key in [k for k in state if k.startswith(REF_PREFIX)]:
+        del state[key]
+
+
+def restore_reference_weights(checkpoint: dict[str, Any], ref_model: nn.Module | None) -> None:
+    """Put the rebuilt reference's own weights into a ``checkpoint`` saved without them, so that a strict
+    ``load_state_dict`` finds every key."""
+    state = checkpoint.get("state_dict", {})
+    if ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
+        for key, value in ref_model.state_dict().items():
+            state[REF_PREFIX + key] = value

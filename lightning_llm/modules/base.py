@@ -57,6 +57,7 @@ class MetricBuffer:
         self.totals: dict[str, Tensor | float] = {}
         self.counts: dict[str, Tensor | float] = {}
         self.sums: set[str] = set()
+        self.extremes: dict[str, tuple[str, Tensor]] = {}
 
     def add_sum(self, name: str, value: Tensor | float) -> None:
         """Add to a metric flushed as a plain sum (e.g. a token count), not a mean."""
@@ -71,11 +72,45 @@ class MetricBuffer:
         self.totals[name] = self.totals.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0.0) + count
 
-    def __bool__(self) -> bool:
-        return bool(self.totals)
+    def add_extreme(self, name: str, value: Tensor | float, op: str) -> None:
+        """Keep the smallest (``op="min"``) or largest (``"max"``) value of metric ``name`` since the last flush, over
+        micro-batches and processes; NaN values are ignored (a metric that is only NaN is left out)."""
+        if op not in ("min", "max"):
+            raise ValueError(f"op must be 'min' or 'max', got {op!r}")
+        value = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float32)
+        value = value.reshape(())
+        fill = math.inf if op == "min" else -math.inf
+        value = torch.where(torch.isnan(value), torch.full_like(value, fill), value)
+        if name in self.extremes:
+            pick = torch.minimum if op == "min" else torch.maximum
+            value = pick(self.extremes[name][1], value.to(self.extremes[name][1].device))
+        self.extremes[name] = (op, value)
 
-    def flush(self, reduce: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
-        """Means since the last flush, reduced with ``reduce`` (a cross-process sum); then reset."""
+    def __bool__(self) -> bool:
+        return bool(self.totals) or bool(self.extremes)
+
+    def flush(self, reduce: Callable[[Tensor], Tensor], device: torch.device,
+              reduce_extreme: Callable[[Tensor, str], Tensor] | None = None) -> dict[str, float]:
+        """Means since the last flush, reduced with ``reduce`` (a cross-process sum), and the extremes of
+        :meth:`add_extreme`, reduced with ``reduce_extreme(tensor, "min" | "max")``; then reset."""
+        values = self._flush_extremes(device, reduce_extreme)
+        return {**self._flush_means(reduce, device), **values}
+
+    def _flush_extremes(self, device: torch.device, reduce_extreme: Callable[[Tensor, str], Tensor] | None
+                        ) -> dict[str, float]:
+        out: dict[str, float] = {}
+        extremes, self.extremes = self.extremes, {}
+        for op in ("min", "max"):
+            names = sorted(name for name, (kind, _) in extremes.items() if kind == op)
+            if not names:
+                continue
+            stacked = torch.stack([extremes[name][1].to(device) for name in names])
+            if reduce_extreme is not None:
+                stacked = reduce_extreme(stacked, op)
+            out.update({name: value for name, value in zip(names, stacked.tolist()) if math.isfinite(value)})
+        return out
+
+    def _flush_means(self, reduce: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
         names = sorted(self.totals)
         if not names:
             return {}
@@ -307,6 +342,9 @@ class LLMModule(L.LightningModule):
             self.model = self._prepare_policy(load_model(model, dtype=dtype))
         self._metrics = {"train": MetricBuffer(), "val": MetricBuffer(), "test": MetricBuffer()}
         self.num_tokens_seen = 0.0
+        #: the values of the last flush of each mode's metrics (Lightning's ``callback_metrics`` keep a metric's last
+        #: value on later steps that do not log it; this holds exactly what the last step logged)
+        self.last_metrics: dict[str, dict[str, float]] = {}
 
     def _plain_hyperparameters(self, model: ModelArg, peft_config: Any) -> None:
         """Keep only plain values in the hyperparameters (objects would be pickled into every checkpoint): a model
@@ -484,6 +522,11 @@ class LLMModule(L.LightningModule):
         """Add to metric ``name`` (logged as the mean ``sum(total) / sum(count)`` over micro-batches and ranks)."""
         self._metrics[self.mode].add(name, total, count)
 
+    def record_extreme(self, name: str, value: Tensor | float, op: str) -> None:
+        """Log metric ``name`` as the smallest (``op="min"``) or largest (``"max"``) value recorded in the step, over
+        micro-batches and processes (NaN ignored)."""
+        self._metrics[self.mode].add_extreme(name, value, op)
+
     def record_mean(self, name: str, values: Tensor) -> None:
         """Add every element of ``values`` to metric ``name`` (an example-weighted mean)."""
         values = values.detach().float()
@@ -495,7 +538,7 @@ class LLMModule(L.LightningModule):
         buffer = self._metrics[mode]
         if not buffer:
             return {}
-        return self.derive_metrics(buffer.flush(self._reduce_sum, self.device))
+        return self.derive_metrics(buffer.flush(self._reduce_sum, self.device, self._reduce_extreme))
 
     def derive_metrics(self, values: dict[str, float]) -> dict[str, float]:
         """Metrics computed from other metrics once they are reduced over micro-batches and processes."""
@@ -512,10 +555,16 @@ class LLMModule(L.LightningModule):
             return self.trainer.strategy.reduce(tensor, reduce_op="sum")
         return tensor
 
+    def _reduce_extreme(self, tensor: Tensor, op: str) -> Tensor:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(tensor, reduce_op=op)
+        return tensor
+
     def flush_metrics(self, mode: str) -> dict[str, float]:
         """Reduce the buffered metrics across processes and log them (``val/`` or ``test/`` prefix outside
         training)."""
         values = self.reduce_metrics(mode)
+        self.last_metrics[mode] = dict(values)
         if not values:
             return {}
         if mode == "train":

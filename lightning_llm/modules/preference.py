@@ -15,7 +15,6 @@ Subclasses implement :meth:`PreferenceModule.compute_loss` with a loss from :mod
 from __future__ import annotations
 
 import abc
-import copy
 import hashlib
 import logging
 import os
@@ -28,17 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from lightning_llm.data.batches import IGNORE_INDEX, Batch, CompletionBatch, PairBatch
-from lightning_llm.models.loading import load_model, model_spec
+from lightning_llm.models.loading import model_spec
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
-from lightning_llm.models.reference import ReferenceSync
+from lightning_llm.models.reference import (
+    ReferenceSync,
+    drop_reference_weights,
+    frozen_reference,
+    restore_reference_weights,
+)
 from lightning_llm.models.sharding import fsdp1_root
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 from lightning_llm.ops import TokenLogProbs
-from lightning_llm.utils.model import disable_dropout_in_model
 
 log = logging.getLogger(__name__)
 
-REF_PREFIX = "ref_model."
 #: the reference arguments, with their "no reference" values: what a reference-free module refuses
 REFERENCE_ARGUMENTS = {"ref_model": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None,
                        "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512}
@@ -209,14 +211,7 @@ class PreferenceModule(LLMModule, abc.ABC):
                 f"{'ref_model' if self.ref_model_source is not None else 'the initial policy'}) is not saved in "
                 "checkpoints: pass ref_model=... (and model=...) to load_from_checkpoint"
             )
-        if isinstance(source, nn.Module):
-            ref = copy.deepcopy(source)
-        else:
-            ref = load_model(source, task=self.model_task, **self.model_load_kwargs)
-        ref.requires_grad_(False)
-        ref.eval()
-        disable_dropout_in_model(ref)
-        return ref
+        return frozen_reference(source, task=self.model_task, load_kwargs=self.model_load_kwargs)
 
     def train(self, mode: bool = True) -> PreferenceModule:
         super().train(mode)
@@ -228,19 +223,14 @@ class PreferenceModule(LLMModule, abc.ABC):
         super().on_save_checkpoint(checkpoint)
         # The reference is rebuilt from its source; unless TR-DPO updates it, it need not be saved.
         if not self.sync_ref_model:
-            state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if k.startswith(REF_PREFIX)]:
-                del state[key]
+            drop_reference_weights(checkpoint)
         checkpoint["lightning_llm"]["reference_precomputed"] = self._reference_precomputed
         if self.reference_sync is not None:
             checkpoint["lightning_llm"]["reference_sync"] = self.reference_sync.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict", {})
-        if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
-            for key, value in self.ref_model.state_dict().items():
-                state[REF_PREFIX + key] = value
+        restore_reference_weights(checkpoint, self.ref_model)
         sync_state = checkpoint.get("lightning_llm", {}).get("reference_sync")
         if self.reference_sync is not None and sync_state is not None:
             self.reference_sync.load_state_dict(sync_state)

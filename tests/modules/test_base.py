@@ -98,6 +98,28 @@ def test_metric_buffer_token_weighted_means_and_sums():
     assert buffer.flush(lambda t: t, torch.device("cpu")) == {}  # a mean over nothing is left out, not logged as 0
 
 
+def test_metric_buffer_extremes_over_micro_batches_and_processes():
+    buffer = MetricBuffer()
+    buffer.add_extreme("clip_ratio/low_min", torch.tensor(0.5), "min")
+    buffer.add_extreme("clip_ratio/low_min", 0.25, "min")
+    buffer.add_extreme("clip_ratio/low_min", float("nan"), "min")  # NaN is ignored
+    buffer.add_extreme("clip_ratio/high_max", 0.1, "max")
+    buffer.add_extreme("clip_ratio/high_max", 0.375, "max")
+    buffer.add_extreme("only_nan", float("nan"), "max")
+    assert buffer
+    # another process saw 0.125 (min) and 0.2 / nothing (max): the cross-process reduction takes the min / max
+    other = {"min": torch.tensor([0.125]), "max": torch.tensor([0.2, -math.inf])}
+
+    def reduce_extreme(values, op):
+        return torch.minimum(values, other[op]) if op == "min" else torch.maximum(values, other[op])
+
+    out = buffer.flush(lambda t: t, torch.device("cpu"), reduce_extreme)
+    assert out == {"clip_ratio/low_min": 0.125, "clip_ratio/high_max": 0.375}
+    assert not buffer
+    with pytest.raises(ValueError, match="op must be 'min' or 'max'"):
+        buffer.add_extreme("x", 1.0, "mean")
+
+
 # ------------------------------------------------------------------------------------- optimizer and schedule
 def test_cosine_with_warmup_values():
     param = torch.nn.Parameter(torch.zeros(1))

@@ -16,7 +16,8 @@ from helpers import StepMetrics, constant_lr, flushed, perturb_, quiet_trainer, 
 from lightning_llm import CPOModule, DPOModule, ORPOModule, PreferenceDataModule
 from lightning_llm.data.batches import CompletionBatch
 from lightning_llm.models import tiny_model, tiny_tokenizer
-from lightning_llm.modules.preference import REF_PREFIX, unflatten_tokens
+from lightning_llm.models.reference import REF_PREFIX
+from lightning_llm.modules.preference import unflatten_tokens
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 PAIR_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
