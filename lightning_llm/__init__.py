@@ -25,6 +25,9 @@ _EXPORTS: dict[str, str] = {
     "CPOModule": "lightning_llm.modules.cpo",
     "KTOModule": "lightning_llm.modules.kto",
     "BCOModule": "lightning_llm.modules.bco",
+    "OnlineModule": "lightning_llm.modules.online",
+    "GRPOModule": "lightning_llm.modules.grpo",
+    "RLOOModule": "lightning_llm.modules.rloo",
     # data
     "SFTDataModule": "lightning_llm.data.sft",
     "PreferenceDataModule": "lightning_llm.data.preference",

@@ -37,10 +37,13 @@ class StepMetrics(Callback):
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        #: per step, only the metrics that step logged (``callback_metrics`` keep older steps' values)
+        self.logged: list[dict[str, float]] = []
 
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
         if trainer.global_step > len(self.steps):
             self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+            self.logged.append(dict(getattr(pl_module, "last_metrics", {}).get("train", {})))
 
     def series(self, name: str) -> list[float]:
         return [step[name] for step in self.steps]
@@ -128,3 +131,34 @@ def as_dict(batch: Any) -> dict[str, torch.Tensor]:
         elif isinstance(value, torch.Tensor):
             out[field.name] = value
     return out
+
+
+# ------------------------------------------------------------------------------------ fixed rollouts (online tests)
+#: the longest fixed completion (and the max_completion_length of the tests that replay them)
+MAX_FIXED_COMPLETION = 12
+
+
+def fixed_completion(prompt_ids: Sequence[int], occurrence: int, eos_token_id: int = 2) -> list[int]:
+    """A fixed completion of 3 to 11 tokens for the ``occurrence``-th copy of a prompt in a generation batch, a
+    function of the prompt's ids alone; two copies in three end with EOS, the third is a truncated one."""
+    generator = torch.Generator().manual_seed(sum(prompt_ids) * 31 + occurrence)
+    length = int(torch.randint(3, MAX_FIXED_COMPLETION, (1,), generator=generator))
+    ids = torch.randint(3, 800, (length,), generator=generator).tolist()
+    return ids + [eos_token_id] if occurrence % 3 != 2 else ids
+
+
+def fixed_completions(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """:func:`fixed_completion` of every prompt of a generation batch (copies counted in order): what a
+    ``FixedRollouts`` callable, a TRL ``rollout_func`` or an overridden TRL generation returns."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for ids in prompt_ids:
+        key = tuple(ids)
+        out.append(fixed_completion(list(ids), seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return out
+
+
+def id_reward(completion_ids, **kwargs):
+    """A reward read off the token ids of a completion; ``None`` (does not apply) for a few."""
+    return [None if sum(ids) % 7 == 0 else (sum(ids) % 5) / 4 for ids in completion_ids]

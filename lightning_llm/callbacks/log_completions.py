@@ -21,62 +21,80 @@ from lightning_llm.callbacks._generation import (
 log = logging.getLogger(__name__)
 
 COLUMNS = ("step", "prompt", "completion")
-Row = tuple[int, str, str]
+Row = tuple
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str:
     """The rows as a Markdown table (TensorBoard renders text summaries as Markdown)."""
 
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", "<br>")
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
+def write_csv(path: Path, rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> None:
     """Append ``rows`` to the CSV file at ``path`` (written with a header when new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     is_new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         if is_new:
-            writer.writerow(COLUMNS)
+            writer.writerow(columns)
         writer.writerows(rows)
 
 
-def log_to_logger(logger: Logger, name: str, new_rows: Sequence[Row], all_rows: Sequence[Row], step: int) -> bool:
+def log_to_logger(logger: Logger, name: str, new_rows: Sequence[Row], all_rows: Sequence[Row], step: int,
+                  columns: Sequence[str] = COLUMNS) -> bool:
     """Send the table to ``logger`` if it is a kind that can show one; returns whether it was."""
     if isinstance(logger, WandbLogger):
         # W&B tables are immutable: log the whole history each time, as TRL does.
-        logger.log_table(key=name, columns=list(COLUMNS), data=[list(row) for row in all_rows], step=step)
+        logger.log_table(key=name, columns=list(columns), data=[list(row) for row in all_rows], step=step)
     elif isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_text(name, markdown_table(new_rows), global_step=step)
+        logger.experiment.add_text(name, markdown_table(new_rows, columns), global_step=step)
     elif isinstance(logger, CSVLogger):
-        write_csv(Path(logger.log_dir) / f"{name}.csv", new_rows)
+        write_csv(Path(logger.log_dir) / f"{name}.csv", new_rows, columns)
     else:
         return False
     return True
 
 
-def print_table(rows: Sequence[Row], title: str) -> None:
+def print_table(rows: Sequence[Row], title: str, columns: Sequence[str] = COLUMNS) -> None:
     """Print the rows as a rich table on the console (above a running rich progress display)."""
     from rich import get_console
     from rich.table import Table
 
     table = Table(title=title, show_lines=True)
-    table.add_column("step", justify="right")
-    table.add_column("prompt", overflow="fold")
-    table.add_column("completion", overflow="fold")
-    for step, prompt, completion in rows:
-        table.add_row(str(step), prompt, completion)
+    for column in columns:
+        table.add_column(column, justify="right" if column == "step" else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row))
     get_console().print(table)
+
+
+def rollout_rows(step: int, rollouts: Sequence[dict], tokenizer: Any) -> tuple[list[str], list[Row]]:
+    """``(columns, rows)`` of an online module's rollouts (TRL's ``log_completions`` table): the rendered prompt, the
+    completion's text, each reward, the advantage and the columns reward functions added with ``log_extra``."""
+    columns = ["step", "prompt", "completion"]
+    for row in rollouts:
+        columns += [key for key in row if key not in ("prompt", "completion") and key not in columns]
+    rows = []
+    for row in rollouts:
+        completion = row["completion"]
+        if isinstance(completion, list):
+            completion = "".join(str(message.get("content", "")) for message in completion)
+        prompt = prompt_texts(tokenizer, [row["prompt"]])[0]
+        rows.append((step, prompt, completion, *(row.get(column) for column in columns[3:])))
+    return columns, rows
 
 
 class LogCompletionsCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (or at each validation), completes a few prompts with the policy and
-    logs a ``step | prompt | completion`` table.
+    logs a ``step | prompt | completion`` table. With an online module (GRPO, RLOO, ...) it logs the completions the
+    module trained on instead, as TRL's ``log_completions`` does: ``step | prompt | completion | rewards/<name> ... |
+    advantage`` (and the columns reward functions add with ``log_extra``), at each new generation batch.
 
     Loggers: TensorBoard gets a Markdown text summary of the new rows, CSV loggers a ``<name>.csv`` in their log
     directory (rows appended), Weights & Biases the whole table so far (``log_table``); other loggers are skipped.
@@ -93,6 +111,9 @@ class LogCompletionsCallback(L.Callback):
         batch_size: prompts per ``generate`` call.
         name: key of the table in the loggers (and stem of the CSV file).
         console: print the table on the console.
+        source: ``generate`` (complete ``prompts`` with the policy), ``rollouts`` (an online module's training
+            rollouts, at most ``num_prompts`` rows per generation batch; ``every_n_steps`` then thins them out), or
+            ``auto``: rollouts for an online module when no ``prompts`` are given, else generate.
     """
 
     def __init__(
@@ -107,7 +128,10 @@ class LogCompletionsCallback(L.Callback):
         batch_size: int = 16,
         name: str = "completions",
         console: bool = True,
+        source: str = "auto",
     ) -> None:
+        if source not in ("auto", "generate", "rollouts"):
+            raise ValueError(f"source must be 'auto', 'generate' or 'rollouts', got {source!r}")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 (or None to log at each validation), got {every_n_steps}")
         if not name:
@@ -118,20 +142,64 @@ class LogCompletionsCallback(L.Callback):
         self.settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, batch_size)
         self.name = name
         self.console = console
+        self.source = source
         self.rows: list[Row] = []
+        self.columns: list[str] = list(COLUMNS)
         self._last_step = -1
+        self._last_generation: int | None = None
+
+    def logs_rollouts(self, pl_module: L.LightningModule) -> bool:
+        """Whether this callback logs ``pl_module``'s training rollouts (rather than generating)."""
+        online = hasattr(pl_module, "rollout_table")
+        if self.source == "rollouts" and not online:
+            raise ValueError(f"LogCompletionsCallback(source='rollouts') needs an online module (GRPO, RLOO, ...), "
+                             f"got {type(pl_module).__name__}")
+        return self.source == "rollouts" or (self.source == "auto" and online and self.prompts is None)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        if self.logs_rollouts(pl_module):
+            buffer = getattr(pl_module, "_buffer", None)
+            generation = buffer.generation if buffer is not None else None
+            if generation is None or generation == self._last_generation:
+                return
+            if self.every_n_steps is not None and step % self.every_n_steps:
+                return
+            self._last_generation = generation
+            self.log_rollouts(trainer, pl_module)
+            return
         # With gradient accumulation this hook runs on every micro-batch; act once per optimizer step.
         if self.every_n_steps is None or step == self._last_step or step == 0 or step % self.every_n_steps:
             return
         self.log_completions(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_steps is None and not trainer.sanity_checking:
+        if self.every_n_steps is None and not trainer.sanity_checking and not self.logs_rollouts(pl_module):
             self.log_completions(trainer, pl_module)
+
+    def log_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Row]:
+        """Log the online module's last generation batch (every rank calls; rank 0 logs); returns the new rows."""
+        table = pl_module.rollout_table()
+        if self.num_prompts is not None:
+            table = table[: self.num_prompts]
+        columns, new_rows = rollout_rows(trainer.global_step, table, pl_module.tokenizer)
+        if not self.rows:
+            self.columns = columns
+        new_rows = [tuple(dict(zip(columns, row)).get(column) for column in self.columns) for row in new_rows]
+        self._publish(trainer, new_rows)
+        return new_rows
+
+    def _publish(self, trainer: L.Trainer, new_rows: list[Row]) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        self.rows.extend(new_rows)
+        for logger in trainer.loggers:
+            if not log_to_logger(logger, self.name, new_rows, self.rows, step, self.columns):
+                log.debug("LogCompletionsCallback: %s cannot show tables; skipped", type(logger).__name__)
+        if self.console:
+            print_table(new_rows, f"{self.name} at step {step}", self.columns)
 
     def log_completions(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Row]:
         """Generate now and log the new rows (all ranks call; rank 0 logs); returns the new rows."""
@@ -141,11 +209,5 @@ class LogCompletionsCallback(L.Callback):
         completions = generate_across_ranks(trainer, pl_module, prompts, self.settings)
         new_rows = [(step, text, completion)
                     for text, completion in zip(prompt_texts(pl_module.tokenizer, prompts), completions)]
-        if trainer.is_global_zero:
-            self.rows.extend(new_rows)
-            for logger in trainer.loggers:
-                if not log_to_logger(logger, self.name, new_rows, self.rows, step):
-                    log.debug("LogCompletionsCallback: %s cannot show tables; skipped", type(logger).__name__)
-            if self.console:
-                print_table(new_rows, f"{self.name} at step {step}")
+        self._publish(trainer, new_rows)
         return new_rows

@@ -3,7 +3,13 @@ modules."""
 
 from lightning_llm.data.base import LLMDataModule, PreparationReport
 from lightning_llm.data.batches import (
-    IGNORE_INDEX, CompletionBatch, LMBatch, PairBatch, PromptBatch, StepBatch, UnpairedBatch,
+    IGNORE_INDEX,
+    CompletionBatch,
+    LMBatch,
+    PairBatch,
+    PromptBatch,
+    StepBatch,
+    UnpairedBatch,
 )
 from lightning_llm.data.formats import DataFormat, detect_format, validate_row, validate_rows
 from lightning_llm.data.preference import PreferenceDataModule
@@ -16,6 +22,7 @@ from lightning_llm.data.unpaired import UnpairedPreferenceDataModule
 
 __all__ = [
     "IGNORE_INDEX", "CompletionBatch", "DataFormat", "GenerationSchedule", "LLMDataModule", "LMBatch", "PairBatch",
-    "PreferenceDataModule", "PreparationReport", "PromptBatch", "PromptDataModule", "SFTDataModule", "StepBatch", "StepwiseDataModule", "UnpairedBatch",
-    "UnpairedPreferenceDataModule", "detect_format", "load_rows", "load_source", "validate_row", "validate_rows",
+    "PreferenceDataModule", "PreparationReport", "PromptBatch", "PromptDataModule", "SFTDataModule", "StepBatch",
+    "StepwiseDataModule", "UnpairedBatch", "UnpairedPreferenceDataModule", "detect_format", "load_rows",
+    "load_source", "validate_row", "validate_rows",
 ]

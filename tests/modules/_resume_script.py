@@ -106,6 +106,52 @@ def bco(out: str):
     return module, data, []
 
 
+def letter_share(completions, **kwargs):
+    """A reward that varies within every group: the share of the completion's characters that are letters."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isalpha() for ch in text) / max(len(text), 1) for text in texts]
+
+
+@case("grpo_mid_generation", max_steps=8, accumulate=2, every=3)
+def grpo_mid_generation(out: str):
+    """GRPO sampling with HF generate, each generation batch split in 2 and used twice (4 batches, 2 optimizer
+    steps): the checkpoint after step 3 falls in the middle of a generation batch, so the resumed run must train on
+    the restored buffer (completions, advantages, log-probs of generation time)."""
+    module = llm.GRPOModule("tiny-llama", reward_funcs=[letter_share], num_generations=4,
+                            steps_per_generation=2, num_iterations=2, max_completion_length=12, learning_rate=1e-2,
+                            beta=0.04)
+    data = llm.PromptDataModule(rows("prompt_only", 24), batch_size=4, seed=6)
+    return module, data, []
+
+
+@case("rloo_mid_generation", max_steps=8, accumulate=1, every=3)
+def rloo_mid_generation(out: str):
+    """RLOO (KL in the reward), each generation batch used twice: the checkpoint after step 3 is between the two."""
+    module = llm.RLOOModule("tiny-llama", reward_funcs=[letter_share], num_generations=2,
+                            num_iterations=2, max_completion_length=12, learning_rate=1e-2)
+    data = llm.PromptDataModule(rows("prompt_only", 24), batch_size=4, seed=7)
+    return module, data, []
+
+
+def batch_ids(batch) -> bytes:
+    """The token ids a batch holds (for a prompt batch: its prompts and its place in the generation schedule)."""
+    if hasattr(batch, "prompt_ids") and batch.prompt_ids is not None:
+        return json.dumps([batch.prompt_ids, batch.generation, batch.repeat]).encode()
+    return (batch.input_ids if hasattr(batch, "input_ids") else batch.sequences.input_ids).numpy().tobytes()
+
+
+def trained_rollouts(module, batch) -> str | None:
+    """A digest of the completions and advantages an online module trained on for ``batch``."""
+    buffer = getattr(module, "_buffer", None)
+    if buffer is None:
+        return None
+    part = buffer.slices[batch.repeat % len(buffer.slices)]
+    data = part.completion_ids.numpy().tobytes() + part.advantages.numpy().tobytes()
+    if part.old_per_token_logps is not None:
+        data += part.old_per_token_logps.numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class Trace(Callback):
     """Writes each micro-batch's digest and each step's loss to ``trace.jsonl``; SIGKILLs the process at ``kill``."""
 
@@ -123,13 +169,16 @@ class Trace(Callback):
         position = (trainer.global_step, batch_idx % self.accumulate)
         if self.kill is not None and position == self.kill:
             os.kill(os.getpid(), signal.SIGKILL)
-        ids = (batch.input_ids if hasattr(batch, "input_ids") else batch.sequences.input_ids).numpy().tobytes()
         self.write({"kind": "batch", "step": position[0], "micro": position[1], "epoch": trainer.current_epoch,
-                    "digest": hashlib.sha256(ids).hexdigest()[:16]})
+                    "digest": hashlib.sha256(batch_ids(batch)).hexdigest()[:16]})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rollouts = trained_rollouts(pl_module, batch)
+        if rollouts is not None:
+            self.write({"kind": "rollout", "batch": batch_idx, "epoch": trainer.current_epoch, "digest": rollouts})
         if (batch_idx + 1) % self.accumulate == 0 or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("loss", "kl", "delta")}
+            logged = pl_module.last_metrics.get("train", {})  # what this step logged (no stale values)
+            metrics = {k: float(v) for k, v in logged.items() if k in ("loss", "kl", "delta")}
             self.write({"kind": "step", "step": trainer.global_step, **metrics})
 
 

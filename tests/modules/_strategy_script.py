@@ -1,7 +1,7 @@
-"""A short SFT or DPO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of each step and
-exports the model.
+"""A short SFT, DPO, GRPO or RLOO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of each
+step and exports the model.
 
-    python _strategy_script.py ALGO STRATEGY OUT      # ALGO: sft | dpo; STRATEGY: single | ddp | fsdp2
+    python _strategy_script.py ALGO STRATEGY OUT      # ALGO: sft | dpo | grpo | rloo; STRATEGY: single | ddp | fsdp2
 
 The global batch is 8 examples in every case (8 on one process, 4 on each of two), in order, so the runs compare
 step by step.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,8 +26,11 @@ from lightning import Callback, Trainer, seed_everything
 import lightning_llm as llm
 from lightning_llm.data.sources import load_rows
 from lightning_llm.models.sharding import is_sharded_fsdp2
+from lightning_llm.rollout import FixedRollouts
 
 STEPS = 3
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+from helpers import MAX_FIXED_COMPLETION, fixed_completion, id_reward  # noqa: E402
 
 
 class Losses(Callback):
@@ -37,6 +41,21 @@ class Losses(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.callback_metrics["loss"]))
         self.tokens.append(float(trainer.callback_metrics["num_tokens"]))
+
+
+def split_group_completions(prompt_ids):
+    """The fixed completions of the whole generation batch, this process's share: a prompt whose copies are split
+    evenly across processes continues its copies' count where the previous process's share ended."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    counts = Counter(tuple(ids) for ids in prompt_ids)
+    seen = {key: rank * count for key, count in counts.items()}
+    out = []
+    for ids in prompt_ids:
+        out.append(fixed_completion(list(ids), seen[tuple(ids)]))
+        seen[tuple(ids)] += 1
+    return out
 
 
 def strategy(name: str):
@@ -58,10 +77,18 @@ def run(algo: str, strategy_name: str, out: str) -> None:
         module = llm.SFTModule("tiny-llama", **common)
         data = llm.SFTDataModule(load_rows("sample:messages")[:24], batch_size=per_rank, shuffle=False,
                                  max_length=96)
-    else:
+    elif algo == "dpo":
         module = llm.DPOModule("tiny-llama", beta=0.5, **common)
         data = llm.PreferenceDataModule(load_rows("sample:preference")[:24], batch_size=per_rank, shuffle=False,
                                         max_length=64)
+    else:
+        # 8 fixed completions per step (GRPO: 1 prompt x 8, its group split across the two processes; RLOO: 4 x 2),
+        # each generation batch used for two steps (the second one off-policy)
+        cls, generations = (llm.GRPOModule, 8) if algo == "grpo" else (llm.RLOOModule, 2)
+        module = cls("tiny-llama", reward_funcs=[id_reward], rollout=FixedRollouts(split_group_completions),
+                     num_generations=generations, num_iterations=2, max_completion_length=MAX_FIXED_COMPLETION,
+                     beta=0.04, **common)
+        data = llm.PromptDataModule(load_rows("sample:prompt_only")[:24], batch_size=per_rank, shuffle=False)
     losses = Losses()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy(strategy_name), max_steps=STEPS,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

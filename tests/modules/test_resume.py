@@ -31,6 +31,8 @@ KILLS = {
     "dpo_epoch_boundary": ((8, 0), "right at an epoch boundary (the checkpoint is the previous epoch's last step)"),
     "kto_accumulate": ((4, 1), "mid gradient accumulation, mid-epoch"),
     "bco": ((5, 0), "mid-epoch, with BCO's running reward mean"),
+    "grpo_mid_generation": ((3, 1), "mid generation batch: the buffer and the sampler position come back"),
+    "rloo_mid_generation": ((4, 0), "between the two passes over a generation batch"),
 }
 
 
@@ -45,8 +47,11 @@ def trace(path: Path) -> tuple[dict, dict]:
     steps, batches = {}, {}
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        if record.pop("kind") == "step":
+        kind = record.pop("kind")
+        if kind == "step":
             steps[record["step"]] = record
+        elif kind == "rollout":  # what an online module trained on for that batch
+            batches[("rollout", record["epoch"], record["batch"])] = record
         else:
             batches[(record["step"], record["micro"])] = record
     return steps, batches
