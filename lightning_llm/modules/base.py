@@ -89,6 +89,19 @@ class MetricBuffer:
     def __bool__(self) -> bool:
         return bool(self.totals) or bool(self.extremes)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the buffer holds, on the CPU (a checkpoint written between two logging steps keeps it)."""
+        cpu = lambda v: v.detach().cpu() if isinstance(v, Tensor) else v  # noqa: E731
+        return {"totals": {k: cpu(v) for k, v in self.totals.items()},
+                "counts": {k: cpu(v) for k, v in self.counts.items()}, "sums": sorted(self.sums),
+                "extremes": {k: (op, cpu(v)) for k, (op, v) in self.extremes.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = dict(state.get("totals", {}))
+        self.counts = dict(state.get("counts", {}))
+        self.sums = set(state.get("sums", []))
+        self.extremes = {k: (op, v) for k, (op, v) in state.get("extremes", {}).items()}
+
     def flush(self, reduce: Callable[[Tensor], Tensor], device: torch.device,
               reduce_extreme: Callable[[Tensor, str], Tensor] | None = None) -> dict[str, float]:
         """Means since the last flush, reduced with ``reduce`` (a cross-process sum), and the extremes of
@@ -614,7 +627,24 @@ class LLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._rescale_to_step_mean()
-        self.flush_metrics("train")
+        if self.logs_this_step():
+            self.flush_metrics("train")
+
+    def logs_this_step(self) -> bool:
+        """Whether the optimizer step about to be taken is one the trainer logs at (every ``log_every_n_steps``-th,
+        and the run's last): training metrics are means over the steps since the last logging step (TRL's
+        ``logging_steps`` averaging), reduced across processes once per logging step."""
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        step = trainer.global_step + 1
+        if step % max(1, trainer.log_every_n_steps or 1) == 0 or trainer.should_stop:
+            return True
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= step:
+            return True
+        loop = trainer.fit_loop
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last_epoch and loop.epoch_loop.batch_progress.is_last_batch
 
     def on_validation_epoch_end(self) -> None:
         self.flush_metrics("val")
@@ -645,16 +675,32 @@ class LLMModule(L.LightningModule):
         self.model.train()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen, "rng": self._rng_states()}
+        checkpoint["lightning_llm"] = {"num_tokens_seen": self.num_tokens_seen, "rng": self._rng_states(),
+                                       "train_metrics": self.gather_objects(self._metrics["train"].state_dict())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_llm", {})
         self.num_tokens_seen = saved.get("num_tokens_seen", 0.0)
         self._pending_rng = saved.get("rng")
+        buffers = saved.get("train_metrics")
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if buffers and len(buffers) == world_size:
+            self._metrics["train"].load_state_dict(buffers[self.trainer.global_rank if self._trainer is not None
+                                                           else 0])
         if finish_epoch_of_last_batch_checkpoint(checkpoint):
             log.info("The checkpoint was written after the last batch of an epoch: resuming with the next epoch.")
 
     # ------------------------------------------------------------------------------------------------ resuming
+    def gather_objects(self, value: Any) -> list[Any]:
+        """``value`` of every process, in rank order (every process calls; picklable values)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def _rng_states(self) -> dict[str, Any]:
         """Every process's torch RNG states (CPU, and CUDA when used), gathered so that rank 0's checkpoint holds
         them all: dropout and sampling continue as in the uninterrupted run."""

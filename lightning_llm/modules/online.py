@@ -327,23 +327,13 @@ class OnlineModule(LLMModule, abc.ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         drop_reference_weights(checkpoint)
-        checkpoint["lightning_llm"]["generation_buffer"] = self._gather_objects(
+        checkpoint["lightning_llm"]["generation_buffer"] = self.gather_objects(
             self._buffer.state() if self._buffer is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         restore_reference_weights(checkpoint, self.ref_model)
         self._pending_buffer = checkpoint.get("lightning_llm", {}).get("generation_buffer")
-
-    def _gather_objects(self, value: Any) -> list[Any]:
-        """``value`` of every process, in rank order (every process calls)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.trainer.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
 
     def _restore_buffer(self) -> None:
         pending, self._pending_buffer = self._pending_buffer, None
@@ -617,7 +607,7 @@ class OnlineModule(LLMModule, abc.ABC):
 
     def rollout_table(self) -> list[dict[str, Any]]:
         """The rows of the last generation batch of every process (every process must call)."""
-        gathered = self._gather_objects(self.last_rollouts)
+        gathered = self.gather_objects(self.last_rollouts)
         return [row for rows in gathered for row in (rows or [])]
 
     # ----------------------------------------------------------------------------------------- distribution

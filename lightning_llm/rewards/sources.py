@@ -421,6 +421,8 @@ def resolve_reward_source(
         return _model_object(spec, tokenizer, device, dtype)
     if isinstance(spec, (str, os.PathLike)):
         return _from_string(os.fspath(spec), tokenizer, device, dtype)
+    if isinstance(spec, Mapping):
+        return _from_mapping(spec, tokenizer, device, dtype)
     if isinstance(spec, type):
         raise ValueError(f"reward source {spec.__module__}.{spec.__qualname__} is a class; pass an instance of it "
                          f"or a function")
@@ -454,6 +456,27 @@ def _from_string(spec: str, tokenizer: Any, device: Any, dtype: Any) -> RewardSo
         module_name, _, attribute = spec.rpartition(".")
         return _resolve_imported(spec, _import_attribute(spec, module_name, attribute), tokenizer, device, dtype)
     return RewardModelReward.from_pretrained(spec, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _from_mapping(spec: Mapping, tokenizer: Any, device: Any, dtype: Any) -> RewardSource:
+    """``{"class_path": "pkg.mod.Name", "init_args": {...}}`` (YAML's way of building an object): the class or
+    factory at ``class_path`` called with ``init_args``, e.g. ``lightning_llm.rewards.ContainsReward`` with
+    ``{"target": "2"}`` or ``lightning_llm.rewards.get_soft_overlong_punishment`` with its two lengths."""
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if "class_path" not in spec or unknown:
+        raise ValueError(f"reward source {dict(spec)!r}: a mapping needs 'class_path' (and optionally 'init_args'), "
+                         f"got keys {sorted(spec)}")
+    path = str(spec["class_path"])
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    factory = _import_attribute(path, module_name, attribute)
+    if not callable(factory):
+        raise ValueError(f"reward source {path!r} is not a class or a function to call with init_args")
+    init_args = dict(spec.get("init_args") or {})
+    try:
+        made = factory(**init_args)
+    except TypeError as error:
+        raise ValueError(f"reward source {path!r}: cannot be built with init_args {init_args} ({error})") from error
+    return _resolve_imported(path, made, tokenizer, device, dtype)
 
 
 def _import_attribute(spec: str, module_name: str, attribute: str) -> Any:

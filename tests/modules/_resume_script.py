@@ -58,6 +58,15 @@ def sft_accumulate(out: str):
     return module, data, []
 
 
+@case("sft_log_window", max_steps=24, accumulate=1, every=5, log_every=3)
+def sft_log_window(out: str):
+    """Metrics logged every 3 steps as means over the 3 (checkpoints every 5 fall inside a window): the resumed run
+    logs the same means, so its metric buffer came back."""
+    module = llm.SFTModule("tiny-llama", learning_rate=5e-3, scheduler=constant)
+    data = llm.SFTDataModule(rows("messages", 40), batch_size=4, max_length=96, seed=8)
+    return module, data, []
+
+
 @case("sft_epochs", max_steps=-1, max_epochs=3, accumulate=1, every=3)
 def sft_epochs(out: str):
     """An epoch-bounded run whose default cosine schedule counts its steps from the data (no max_steps)."""
@@ -159,6 +168,7 @@ class Trace(Callback):
         self.handle = open(path, "a")
         self.accumulate = accumulate
         self.kill = kill
+        self.last_logged = None
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record) + "\n")
@@ -176,8 +186,9 @@ class Trace(Callback):
         rollouts = trained_rollouts(pl_module, batch)
         if rollouts is not None:
             self.write({"kind": "rollout", "batch": batch_idx, "epoch": trainer.current_epoch, "digest": rollouts})
-        if (batch_idx + 1) % self.accumulate == 0 or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            logged = pl_module.last_metrics.get("train", {})  # what this step logged (no stale values)
+        logged = pl_module.last_metrics.get("train")
+        if logged is not None and logged is not self.last_logged:  # a logging step (a flush made a new dict)
+            self.last_logged = logged
             metrics = {k: float(v) for k, v in logged.items() if k in ("loss", "kl", "delta")}
             self.write({"kind": "step", "step": trainer.global_step, **metrics})
 
@@ -191,7 +202,8 @@ def run(name: str, out: str, kill: tuple[int, int] | None, resume: str | None) -
                                   save_last=True, save_top_k=-1)
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=settings["max_steps"], max_epochs=settings.get("max_epochs"),
-        accumulate_grad_batches=settings["accumulate"], logger=False, enable_progress_bar=False,
+        accumulate_grad_batches=settings["accumulate"], log_every_n_steps=settings.get("log_every", 1), logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
         callbacks=[*callbacks, checkpoints, Trace(os.path.join(out, "trace.jsonl"), settings["accumulate"], kill)],
     )

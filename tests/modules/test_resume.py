@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 KILLS = {
     "sft_accumulate": ((7, 1), "mid gradient accumulation, in the epoch after a checkpoint at an epoch's last batch"),
     "sft_epochs": ((5, 0), "an epoch-bounded run, whose schedule length is counted from the data"),
+    "sft_log_window": ((13, 0), "inside a logging window: the window's metric sums were in the checkpoint"),
     "sft_stream": ((7, 0), "a shuffled stream, mid-epoch: the stream continues at the right row"),
     "dpo_epoch_boundary": ((8, 0), "right at an epoch boundary (the checkpoint is the previous epoch's last step)"),
     "kto_accumulate": ((4, 1), "mid gradient accumulation, mid-epoch"),

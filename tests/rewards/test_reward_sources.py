@@ -81,6 +81,20 @@ def test_import_path_errors_name_the_path():
         resolve_reward_source("lightning_llm.rewards.get_soft_overlong_punishment")
 
 
+def test_class_path_and_init_args_build_a_configured_reward():
+    """YAML's way of naming an object with arguments: a class or a factory called with ``init_args``."""
+    contains = resolve_reward_source({"class_path": "lightning_llm.rewards.ContainsReward",
+                                      "init_args": {"target": "2"}})
+    assert contains.name == "contains_2" and contains.func(completions=["a 2", "none"]) == [1.0, 0.0]
+    overlong = resolve_reward_source({"class_path": "lightning_llm.rewards:get_soft_overlong_punishment",
+                                      "init_args": {"max_completion_len": 10, "soft_punish_cache": 4}})
+    assert overlong.func(completion_ids=[[1] * 5, [1] * 8, [1] * 11]) == [0.0, -0.5, -1.0]
+    with pytest.raises(ValueError, match=r"cannot be built with init_args \{'tgt': '2'\}"):
+        resolve_reward_source({"class_path": "lightning_llm.rewards.ContainsReward", "init_args": {"tgt": "2"}})
+    with pytest.raises(ValueError, match=r"a mapping needs 'class_path'"):
+        resolve_reward_source({"path": "lightning_llm.rewards.ContainsReward"})
+
+
 def test_what_cannot_be_a_source_is_refused_by_name():
     with pytest.raises(ValueError, match=r"cannot make a reward source of 42 \(int\)"):
         resolve_reward_source(42)
