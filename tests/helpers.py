@@ -23,10 +23,12 @@ def sample_rows(name: str, n: int | None = None) -> list[dict]:
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:
-    """A CPU trainer without progress bar, logger, checkpoints or model summary (each overridable)."""
+    """A CPU trainer without progress bar, logger, checkpoints or model summary, logging every step's metrics (each
+    overridable)."""
     options: dict[str, Any] = {
         "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False,
         "enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
     }
     options.update(kwargs)
     return Trainer(**options)

@@ -44,13 +44,16 @@ class Losses(Callback):
 
 
 def split_group_completions(prompt_ids):
-    """The fixed completions of the whole generation batch, this process's share: a prompt whose copies are split
-    evenly across processes continues its copies' count where the previous process's share ended."""
+    """The fixed completions of the whole generation batch, this process's share: each copy of a prompt gets the
+    completion of its place among all the copies of the generation batch (copies on lower ranks come first)."""
     import torch.distributed as dist
 
+    shares = [prompt_ids]
+    if dist.is_initialized():
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, [list(ids) for ids in prompt_ids])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    counts = Counter(tuple(ids) for ids in prompt_ids)
-    seen = {key: rank * count for key, count in counts.items()}
+    seen = Counter(tuple(ids) for share in shares[:rank] for ids in share)
     out = []
     for ids in prompt_ids:
         out.append(fixed_completion(list(ids), seen[tuple(ids)]))
@@ -92,7 +95,7 @@ def run(algo: str, strategy_name: str, out: str) -> None:
     losses = Losses()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy(strategy_name), max_steps=STEPS,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses])
+                      num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[losses])
     trainer.fit(module, data)
     if trainer.is_global_zero:
         with open(os.path.join(out, "losses.json"), "w") as handle:

@@ -46,7 +46,8 @@ def batch_of(rows, tokenizer, **kwargs):
 
 def trainer(**kwargs) -> L.Trainer:
     kwargs = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-              "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
+              "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+              **kwargs}
     return L.Trainer(**kwargs)
 
 
