@@ -21,6 +21,7 @@
 #   STAGES="tests bench_logprobs" bash benchmarks/device_check.sh    # first call, about 7 minutes at most
 #   STAGES=bench_train_step bash benchmarks/device_check.sh          # second call, 8 minutes at most
 #   STAGES=strategies bash benchmarks/device_check.sh                # FSDP1/FSDP2/DeepSpeed 2-3, 8 minutes at most
+#   STAGES="rollout_tests bench_rollout bench_grpo_step" bash benchmarks/device_check.sh   # online, 8 minutes at most
 #   SMOKE=1 bash benchmarks/device_check.sh    # CPU rehearsal of the same stages, tiny sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ if [ "${SMOKE:-0}" != "1" ] && compgen -G ".whl/*.whl" >/dev/null; then  # the r
     fi
 fi
 
-STAGES="${STAGES:-tests bench_logprobs bench_train_step strategies}"
+STAGES="${STAGES:-tests bench_logprobs bench_train_step strategies rollout_tests bench_rollout bench_grpo_step}"
 stage() {  # stage NAME SECONDS COMMAND...: run, keep the log in $OUT/NAME.log, report the status, go on
     local name=$1 limit=$2
     shift 2
@@ -58,6 +59,9 @@ if [ "${SMOKE:-0}" = "1" ]; then
     stage bench_logprobs 300 python3 benchmarks/bench_logprobs.py --smoke --out "$OUT/bench_logprobs.json"
     stage bench_train_step 300 python3 benchmarks/bench_train_step.py --smoke --out "$OUT/bench_train_step.json"
     stage strategies 300 python3 benchmarks/strategy_check.py --smoke --out "$OUT/strategies.json"
+    stage rollout_tests 300 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_rollout_gpu.py
+    stage bench_rollout 300 python3 benchmarks/bench_rollout.py --smoke --out "$OUT/bench_rollout.json"
+    stage bench_grpo_step 300 python3 benchmarks/bench_grpo_step.py --smoke --out "$OUT/bench_grpo_step.json"
 else
     # tests/kernels run on the GPU (tests/ops only exercise CPU paths there)
     stage tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels
@@ -66,5 +70,11 @@ else
         --out "$OUT/bench_train_step.json"
     # SFT and DPO under FSDP1, FSDP2, DeepSpeed ZeRO-2/3 on one GPU, against the plain run (10 short runs)
     stage strategies 480 python3 benchmarks/strategy_check.py --out "$OUT/strategies.json"
+    # the online half: the fast decode path's GPU tests (static cache, compiled step, equality with generate), the
+    # rollout throughput (batch 8 and 64 x 256 tokens) and GRPO steps (1 prompt x 8 x 128 tokens) against TRL
+    stage rollout_tests 60 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_rollout_gpu.py
+    stage bench_rollout 170 python3 benchmarks/bench_rollout.py --reps 2 --out "$OUT/bench_rollout.json"
+    stage bench_grpo_step 240 python3 benchmarks/bench_grpo_step.py --warmup 2 --steps 10 --memory-steps 10 \
+        --out "$OUT/bench_grpo_step.json"
 fi
 cat "$OUT/status.txt"
