@@ -1,4 +1,4 @@
-"""The offline demo: SFT, then a reward model and DPO, on a tiny model and the shipped data, on a CPU.
+"""The offline demo: SFT, then a reward model, DPO and GRPO, on a tiny model and the shipped data, on a CPU.
 
     lightning-llm-demo --output-dir outputs/demo        # or: python -m lightning_llm.demo
 
@@ -8,9 +8,13 @@
 3. DPO (sigmoid plus an NLL term on the chosen answers) from the SFT model on the same pairs, with its reward
    margin and accuracy printed as they rise.
 4. The reward model scores the SFT and the DPO model's answers.
+5. GRPO from the DPO model on 32 of the shipped questions (``sample:prompt_only``), rewarding exact answers (the
+   completion's last word against the row's ``solution``): on the same questions before and after, the share of
+   sampled answers that are exact and the number of exact greedy answers, for the questions GRPO trained on and for
+   26 held-out ones, and whether the change is larger than the sampling noise.
 
-Everything lands in ``--output-dir``: ``sft/``, ``reward/``, ``dpo/`` (each with a checkpoint, a Hugging Face export
-in ``hf/`` and its metrics CSV), ``curves.png`` and ``summary.json``. No network is used.
+Everything lands in ``--output-dir``: ``sft/``, ``reward/``, ``dpo/``, ``grpo/`` (each with a checkpoint, a Hugging
+Face export in ``hf/`` and its metrics CSV), ``curves.png`` and ``summary.json``. No network is used.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,12 +34,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from lightning_llm.data import SFTDataModule  # noqa: E402
 from lightning_llm.data.preference import PreferenceDataModule  # noqa: E402
+from lightning_llm.data.prompts import PromptDataModule  # noqa: E402
+from lightning_llm.data.sources import load_rows  # noqa: E402
 from lightning_llm.modules.dpo import DPOModule  # noqa: E402
+from lightning_llm.modules.grpo import GRPOModule  # noqa: E402
 from lightning_llm.modules.reward import RewardModule  # noqa: E402
 from lightning_llm.modules.sft import SFTModule  # noqa: E402
 
@@ -80,8 +89,11 @@ def plot_curves(stages: dict[str, Path], path: Path) -> None:
         ("dpo", ["loss", "val/loss"], "DPO loss"),
         ("dpo", ["rewards/margins", "val/rewards/margins"], "DPO reward margin"),
         ("dpo", ["rewards/accuracies", "val/rewards/accuracies"], "DPO reward accuracy"),
+        ("grpo", ["reward", "val/reward"], "GRPO: share of exact answers"),
+        ("grpo", ["completions/mean_length", "val/completions/mean_length"], "GRPO completion length"),
+        ("grpo", ["entropy", "val/entropy"], "GRPO: entropy of the sampled tokens"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    fig, axes = plt.subplots(3, 3, figsize=(14, 11))
     for ax, (stage, names, title) in zip(axes.flat, panels):
         rows = _read_metrics(stages[stage])
         for name in names:
@@ -99,7 +111,7 @@ def plot_curves(stages: dict[str, Path], path: Path) -> None:
 
 @dataclass
 class DemoSettings:
-    """Steps and learning rates of the three stages (the defaults take a few minutes on 2 CPU cores)."""
+    """Steps and learning rates of the four stages (the defaults take about a minute on 2 CPU cores)."""
 
     sft_steps: int = 150
     sft_lr: float = 3e-3
@@ -109,6 +121,11 @@ class DemoSettings:
     dpo_lr: float = 3e-4
     beta: float = 0.1
     dpo_sft_weight: float = 1.0
+    grpo_steps: int = 150
+    grpo_lr: float = 2e-4
+    grpo_beta: float = 0.0
+    num_generations: int = 8
+    grpo_questions: int = 32
     seed: int = 0
     num_samples: int = 32
 
@@ -129,17 +146,53 @@ def _exact(answers: list[str], truths: list[str]) -> int:
     return sum(a.strip() == t for a, t in zip(answers, truths))
 
 
+def _last_word(text: str) -> str:
+    words = text.strip().rstrip(".!?").split()
+    return words[-1].lower() if words else ""
+
+
+def exact_answer_reward(completions: list, solution: list, **kwargs: Any) -> list[float]:
+    """1 when the completion's last word is the row's ``solution`` (the shipped answers end the sentence: "The
+    capital of France is Paris."), else 0."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(_last_word(text) == str(answer).lower()) for text, answer in zip(texts, solution)]
+
+
+SAMPLES_PER_QUESTION = 8
+HELD_OUT_QUESTIONS = 26
+
+
+def sampled_gain(before: dict[str, float], after: dict[str, float], samples: int) -> tuple[float, float]:
+    """The change of the sampled exact share, and two standard errors of that difference (binomial, ``samples``
+    answers on each side)."""
+    variance = sum(p * (1 - p) / samples for p in (before["sampled"], after["sampled"]))
+    return after["sampled"] - before["sampled"], 2 * variance**0.5
+
+
+def answer_accuracy(module: Any, rows: list[dict], seed: int) -> dict[str, float]:
+    """How well ``module`` answers the questions of ``rows`` (``prompt`` and ``solution`` columns): the share of
+    sampled answers that are exact (temperature 1, :data:`SAMPLES_PER_QUESTION` per question, drawn from ``seed``)
+    and the number of exact greedy answers."""
+    prompts, answers = [r["prompt"] for r in rows], [r["solution"] for r in rows]
+    greedy = exact_answer_reward(module.generate(prompts, max_new_tokens=24, batch_size=64), answers)
+    torch.manual_seed(seed)
+    repeated = prompts * SAMPLES_PER_QUESTION
+    sampled = exact_answer_reward(module.generate(repeated, max_new_tokens=24, do_sample=True, batch_size=64),
+                                  answers * SAMPLES_PER_QUESTION)
+    return {"sampled": sum(sampled) / len(sampled), "greedy": int(sum(greedy))}
+
+
 def run(output_dir: str = "outputs/demo", settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run the three stages; return (and write) the summary."""
+    """Run the four stages; return (and write) the summary."""
     cfg = settings or DemoSettings()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = {name: out / name for name in ("sft", "reward", "dpo")}
+    stages = {name: out / name for name in ("sft", "reward", "dpo", "grpo")}
     summary: dict[str, Any] = {"settings": asdict(cfg)}
     started = time.time()
 
     # 1. SFT ---------------------------------------------------------------------------------------------------
-    print("\n=== 1/3 SFT: a tiny Llama learns the shipped chat data ===")
+    print("\n=== 1/4 SFT: a tiny Llama learns the shipped chat data ===")
     L.seed_everything(cfg.seed, verbose=False)
     sft = SFTModule("tiny-llama", model_kwargs=DEMO_MODEL_KWARGS, learning_rate=cfg.sft_lr, warmup_ratio=0.05,
                     export_dir=str(stages["sft"] / "hf"))
@@ -158,7 +211,7 @@ def run(output_dir: str = "outputs/demo", settings: DemoSettings | None = None) 
         print(f"  {mark} {prompt[-1]['content']!r:42} -> {answer!r}")
 
     # 2. Reward model ------------------------------------------------------------------------------------------
-    print("\n=== 2/3 A reward model, from the SFT model, learns correct-vs-wrong answer pairs ===")
+    print("\n=== 2/4 A reward model, from the SFT model, learns correct-vs-wrong answer pairs ===")
     L.seed_everything(cfg.seed, verbose=False)
     reward = RewardModule(str(stages["sft"] / "hf"), learning_rate=cfg.reward_lr, warmup_ratio=0.1,
                           export_dir=str(stages["reward"] / "hf"))
@@ -166,7 +219,7 @@ def run(output_dir: str = "outputs/demo", settings: DemoSettings | None = None) 
     summary["reward"] = {k: float(v) for k, v in reward.trainer.callback_metrics.items()}
 
     # 3. DPO ---------------------------------------------------------------------------------------------------
-    print("\n=== 3/3 DPO from the SFT model, on the same pairs ===")
+    print("\n=== 3/4 DPO from the SFT model, on the same pairs ===")
     L.seed_everything(cfg.seed, verbose=False)
     # sigmoid DPO plus an NLL term on the chosen answers (RPO), so the model does not unlearn the right answers
     # while it pushes the wrong ones down
@@ -210,11 +263,43 @@ def run(output_dir: str = "outputs/demo", settings: DemoSettings | None = None) 
           f"and for {summary['reward'].get('val/accuracy', float('nan')):.0%} of the held-out pairs (val/accuracy): "
           "a model this small memorises facts more than it learns to check them.")
 
+    # 5. GRPO: exact answers rewarded --------------------------------------------------------------------------
+    print("\n=== 4/4 GRPO from the DPO model: exact answers to the shipped questions are rewarded ===")
+    L.seed_everything(cfg.seed, verbose=False)
+    # a fixed set of questions, each drawn many times (GRPO's signal on one question is its group's spread), and
+    # held-out questions it never trains on (validated on under val/)
+    shuffled = load_rows("sample:prompt_only")
+    random.Random(cfg.seed).shuffle(shuffled)
+    held_out, trained = shuffled[:HELD_OUT_QUESTIONS], shuffled[HELD_OUT_QUESTIONS:][: cfg.grpo_questions]
+    grpo = GRPOModule(str(stages["dpo"] / "hf"), reward_funcs=[exact_answer_reward],
+                      num_generations=cfg.num_generations, max_completion_length=24, beta=cfg.grpo_beta,
+                      learning_rate=cfg.grpo_lr, export_dir=str(stages["grpo"] / "hf"))
+    questions = PromptDataModule(trained, val_data=held_out, batch_size=cfg.num_generations * 4,
+                                 tokenizer=grpo.tokenizer, seed=cfg.seed)
+    splits = {"trained": trained, "held_out": held_out}
+    before = {name: answer_accuracy(grpo, rows, cfg.seed) for name, rows in splits.items()}
+    _trainer(stages["grpo"], cfg.grpo_steps, max(1, cfg.grpo_steps // 3)).fit(grpo, questions)
+    summary["grpo"] = {k: float(v) for k, v in grpo.trainer.callback_metrics.items()}
+    after = {name: answer_accuracy(grpo, rows, cfg.seed) for name, rows in splits.items()}
+    summary["comparison"]["grpo"] = {name: {"questions": len(rows), "before": before[name], "after": after[name]}
+                                     for name, rows in splits.items()}
+    for name, rows in splits.items():
+        b, a = before[name], after[name]
+        print(f"GRPO, {len(rows)} {name.replace('_', '-')} questions: sampled answers exact {b['sampled']:.1%} -> "
+              f"{a['sampled']:.1%} ({SAMPLES_PER_QUESTION} per question, same seed), greedy answers exact "
+              f"{b['greedy']} -> {a['greedy']}")
+    gain, noise = sampled_gain(before["trained"], after["trained"], len(trained) * SAMPLES_PER_QUESTION)
+    summary["comparison"]["grpo"]["trained"].update(gain=gain, two_standard_errors=noise)
+    verdict = "went up" if gain > noise else "went down" if gain < -noise else "did not change beyond sampling noise"
+    print(f"Answer accuracy on the questions GRPO trained on {verdict} ({gain:+.1%}; two standard errors of the "
+          f"difference: {noise:.1%}). The reward curve in curves.png also moves with which questions each logging "
+          "window drew; the numbers above are the same questions before and after.")
+
     plot_curves(stages, out / "curves.png")
     summary["seconds"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nDone in {summary['seconds']} s. Wrote {out}/curves.png, {out}/summary.json, and per stage a checkpoint "
-          f"(checkpoints/last.ckpt), a Hugging Face export (hf/) and metrics.csv under {out}/sft, reward, dpo.")
+          f"(checkpoints/last.ckpt), a Hugging Face export (hf/) and metrics.csv under {out}/sft, reward, dpo, grpo.")
     return summary
 
 
