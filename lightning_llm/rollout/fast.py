@@ -12,6 +12,13 @@ Stopping when every row has produced an EOS needs a device-to-host read; on CUDA
 ``stop_check_interval`` steps (8) so that the GPU is not drained at each token; the few extra steps after the last
 EOS cost little and change nothing (finished rows are fed padding, and their tokens are discarded).
 
+On CPU, for the Llama family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``,
+``Qwen3ForCausalLM``; see :func:`~lightning_llm.rollout.lean.supports_lean`), the steps run by default through
+:class:`~lightning_llm.rollout.lean.LeanDecoder` instead of the model's ``forward``: the same computation in plain
+torch ops over the model's own parameters, with a preallocated KV cache of its own. For small models the per-token
+cost of HF's ``forward`` is mostly Python (module calls, mask building, cache objects), which this removes; the
+tokens and log-probs are those of the HF path (the logits agree to float rounding). ``lean=False`` turns it off.
+
 Not for sharded models (FSDP, ZeRO-3, tensor parallel): use :class:`~lightning_llm.rollout.hf.HFGenerateEngine`.
 """
 
@@ -38,6 +45,7 @@ from lightning_llm.rollout.base import (
     left_pad,
     model_device,
 )
+from lightning_llm.rollout.lean import LeanDecoder, lean_unsupported_reason
 from lightning_llm.rollout.sampling import mark_present_, process_logits, select_tokens, token_presence
 
 CACHE_KINDS = ("dynamic", "static")
@@ -71,12 +79,19 @@ class FastDecodeEngine(RolloutEngine):
         stop_check_interval: look for "every row has finished" every this many steps; None = 1 on CPU, 8 on CUDA.
         cache_length_multiple: the static cache's length is prompt + completion length rounded up to a multiple of
             this, so that calls with slightly different prompt lengths reuse the cache and the compiled step.
+        lean: run the prefill and the steps through :class:`~lightning_llm.rollout.lean.LeanDecoder` (plain torch
+            ops on the model's parameters, its own KV cache) instead of the model's ``forward``. None = on when the
+            model is on CPU, ``cache`` and ``compile`` are not set, and
+            :func:`~lightning_llm.rollout.lean.supports_lean` is True for the model (else the HF forward, silently);
+            True = always, and a ``ValueError`` naming the model class where it is not supported; False = off.
+            ``cache`` and ``compile`` concern the HF forward, so ``lean=True`` excludes them.
     """
 
     name = "fast"
 
     def __init__(self, *, cache: str | None = None, compile: bool | None = None, compile_mode: str | None = None,
-                 stop_check_interval: int | None = None, cache_length_multiple: int = 64) -> None:
+                 stop_check_interval: int | None = None, cache_length_multiple: int = 64,
+                 lean: bool | None = None) -> None:
         if cache is not None and cache not in CACHE_KINDS:
             raise ValueError(f"FastDecodeEngine cache must be one of {CACHE_KINDS} or None, got {cache!r}")
         if compile and cache == "dynamic":
@@ -88,8 +103,14 @@ class FastDecodeEngine(RolloutEngine):
         if not isinstance(cache_length_multiple, int) or cache_length_multiple < 1:
             raise ValueError(f"FastDecodeEngine cache_length_multiple must be an integer >= 1, "
                              f"got {cache_length_multiple!r}")
+        if lean is not None and not isinstance(lean, bool):
+            raise ValueError(f"FastDecodeEngine lean must be True, False or None, got {lean!r}")
+        if lean and (cache is not None or compile):
+            raise ValueError("FastDecodeEngine lean=True runs its own KV cache and eager steps; leave cache and "
+                             "compile unset (they choose the HF forward's cache and compilation)")
         self.cache = cache
         self.compile = compile
+        self.lean = lean
         self.compile_mode = compile_mode
         self.stop_check_interval = stop_check_interval
         self.cache_length_multiple = cache_length_multiple
@@ -102,6 +123,17 @@ class FastDecodeEngine(RolloutEngine):
 
     def _compile_on(self, device: torch.device) -> bool:
         return bool(self.compile) if self.compile is not None else device.type == "cuda"
+
+    def _lean_on(self, model: nn.Module, device: torch.device) -> bool:
+        if self.lean is False:
+            return False
+        if self.lean is None and (device.type != "cpu" or self.cache is not None or self.compile):
+            return False
+        reason = lean_unsupported_reason(model)
+        if reason is not None and self.lean:
+            raise ValueError(f"FastDecodeEngine lean=True: no lean forward for {type(model).__name__} ({reason}); "
+                             f"use lean=None or lean=False for the model's own forward")
+        return reason is None
 
     def _interval(self, device: torch.device) -> int:
         if self.stop_check_interval is not None:
@@ -127,24 +159,30 @@ class FastDecodeEngine(RolloutEngine):
                 pad_token_id: int, rng: torch.Generator | None, device: torch.device) -> _Batch:
         """Prefill the left-padded prompts, then feed one token per step until every row has ended."""
         new_tokens = settings.max_completion_length
-        static = self._static_cache_on(device)
+        lean = self._lean_on(model, device)
+        static = not lean and self._static_cache_on(device)
         input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
         rows, prompt_width = input_ids.shape
         slots = prompt_width + new_tokens
         if static:
             slots = -(-slots // self.cache_length_multiple) * self.cache_length_multiple
         batch = _allocate(input_ids, prompt_mask, slots, new_tokens, pad_token_id)
-        cache = self._static_cache(model, rows, slots, device) if static else _dynamic_cache(model)
-        compiled = self._compiled_step(device) if static and self._compile_on(device) else None
-        step = _Step(model, cache, compiled)
+        step: _Step | _LeanStep
+        if lean:
+            step = _LeanStep(LeanDecoder(model))
+        else:
+            cache = self._static_cache(model, rows, slots, device) if static else _dynamic_cache(model)
+            compiled = self._compiled_step(device) if static and self._compile_on(device) else None
+            step = _Step(model, cache, compiled)
         eos_ids = torch.tensor(eos, device=device)
         presence = None
         if settings.repetition_penalty != 1.0:
             vocab = _vocab_size(model)
             presence = token_presence(input_ids, vocab, prompt_mask)
 
-        logits = step.prefill(input_ids, batch.attention_mask[:, :prompt_width] if not static
-                              else batch.attention_mask, prompt_width)
+        # the lean cache is sized from the mask's slots; a DynamicCache grows with the mask it is given
+        logits = step.prefill(input_ids, batch.attention_mask if static or lean
+                              else batch.attention_mask[:, :prompt_width], prompt_width)
         interval = self._interval(device)
         for position in range(new_tokens):
             if position > 0:
@@ -246,9 +284,7 @@ class _Step:
         return kwargs
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-        # positions count real tokens only (left padding gets position 0), as generate computes them
-        prompt_mask = attention_mask[:, :prompt_width]
-        position_ids = (prompt_mask.cumsum(dim=-1) - 1).masked_fill(prompt_mask == 0, 0)
+        position_ids = _prompt_positions(attention_mask[:, :prompt_width])
         kwargs = self._kwargs(0, prompt_width, input_ids.device)
         return _forward_last_logits(self.model, input_ids, position_ids, attention_mask, kwargs)
 
@@ -261,6 +297,25 @@ class _Step:
             torch.compiler.cudagraph_mark_step_begin()
         # clone: a CUDA graph's output buffer is rewritten by its next replay
         return self.compiled(self.model, tokens, positions[:, None], attention_mask, kwargs).clone()
+
+
+class _LeanStep:
+    """:class:`_Step`'s interface over a :class:`~lightning_llm.rollout.lean.LeanDecoder`."""
+
+    def __init__(self, decoder: LeanDecoder) -> None:
+        self.decoder = decoder
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        position_ids = _prompt_positions(attention_mask[:, :prompt_width])
+        return self.decoder.prefill(input_ids, attention_mask, position_ids)
+
+    def decode(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, slot: int) -> Tensor:
+        return self.decoder.decode(tokens, positions[:, None], attention_mask, slot)
+
+
+def _prompt_positions(prompt_mask: Tensor) -> Tensor:
+    """``[B, P]`` positions that count real tokens only (left padding gets position 0), as ``generate`` does."""
+    return (prompt_mask.cumsum(dim=-1) - 1).masked_fill(prompt_mask == 0, 0)
 
 
 def _forward_last_logits(model: nn.Module, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,

@@ -64,6 +64,7 @@ def _run(rank: int, world: int, port: int, out_file: str) -> None:
     dist.all_gather_object(reports, report)
     if rank == 0:
         Path(out_file).write_text(json.dumps(reports))
+    dist.barrier()  # neither process tears gloo down while the other still has a message in flight
     dist.destroy_process_group()
 
 
