@@ -30,7 +30,14 @@ from lightning_llm.models.loading import ModelSpec, load_model, load_tokenizer, 
 from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, check_peft_config, is_peft_model, peft_config_dict
 from lightning_llm.models.presets import is_preset
-from lightning_llm.models.sharding import fsdp1_root, full_state_dict, is_sharded_fsdp2, run_in_forward, shard_fsdp2
+from lightning_llm.models.sharding import (
+    fsdp1_root,
+    full_state_dict,
+    is_dtensor,
+    is_sharded_fsdp2,
+    run_in_forward,
+    shard_fsdp2,
+)
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
 from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
 from lightning_llm.ops.token_loss import TokenLossFn
@@ -257,7 +264,8 @@ class LLMModule(L.LightningModule):
         weight_decay: weight decay of the default AdamW (not applied to biases and norms).
         warmup_ratio: fraction of the training steps of linear warm-up in the default schedule.
         warmup_steps: warm-up steps (overrides ``warmup_ratio`` when > 0).
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW,
+            fused where the parameters allow it (the HF Trainer's default ``adamw_torch_fused``).
         scheduler: a callable ``optimizer -> LRScheduler``; default cosine decay with linear warm-up.
         logprob_tiles: fields of :class:`~lightning_llm.kernels.linear_logprobs.TileConfig` for the Triton path,
             e.g. ``{"fused_gemm": true}`` or ``{"logits_dtype": "bfloat16"}``; ignored where another path runs.
@@ -738,7 +746,9 @@ class LLMModule(L.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
+            params = [param for group in groups for param in group["params"]]
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay,
+                                          fused=self._fused_adamw_applies(params))
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
@@ -746,6 +756,19 @@ class LLMModule(L.LightningModule):
             warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
             scheduler = cosine_with_warmup(optimizer, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_adamw_applies(self, params: list[Tensor]) -> bool:
+        """Whether the default AdamW runs fused (one kernel over all parameters, what the HF Trainer behind TRL uses
+        by default, CPU included): plain float tensors on one CPU or CUDA device; not for DTensors (FSDP2) or
+        DeepSpeed, which bring their own parameter handling."""
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if strategy == "DeepSpeedStrategy":
+            return False
+        if any(is_dtensor(p) or hasattr(p, "ds_id") for p in params):
+            return False
+        devices = {p.device.type for p in params}
+        return devices <= {"cpu", "cuda"} and len(devices) == 1 and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, for the learning-rate schedule.

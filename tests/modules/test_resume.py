@@ -89,5 +89,7 @@ def test_a_killed_run_resumes_exactly(tmp_path, case):
     steps, batches = trace(tmp_path / "killed" / "trace.jsonl")
     assert batches == full_batches  # the same token ids in every micro-batch, in the same epoch
     assert steps == full_steps  # the same logged loss (bitwise) at every step
-    assert len(full_steps) >= 8 and len({s["loss"] for s in full_steps.values()}) == len(full_steps)
+    # no two steps log the same metrics (on-policy GRPO/RLOO losses are zero up to rounding: their other metrics differ)
+    logged = {tuple(sorted((k, v) for k, v in s.items() if k != "step")) for s in full_steps.values()}
+    assert len(full_steps) >= 8 and len(logged) == len(full_steps)
     assert_same_state(torch.load(tmp_path / "full" / "final.pt"), torch.load(tmp_path / "killed" / "final.pt"))
