@@ -3,8 +3,12 @@ because the root ``conftest.py`` lives there)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,6 +24,16 @@ def sample_rows(name: str, n: int | None = None) -> list[dict]:
     with open(sample_path(name), encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return rows if n is None else rows[:n]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:

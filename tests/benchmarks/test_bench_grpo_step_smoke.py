@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_grpo_step.py"
+from helpers import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_grpo_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_grpo_step"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_grpo_step")
 
 
 @pytest.mark.slow
