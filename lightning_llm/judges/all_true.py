@@ -33,13 +33,12 @@ class AllTrueJudge(BaseBinaryJudge):
     constraint.
 
     Args:
-        judges: the binary judges to combine (at least one).
+        judges: the binary judges to combine. None or none at all: every completion passes (all of no constraints
+            hold), which is what ``AllTrueJudge()`` means in TRL-style scripts that add judges later.
     """
 
-    def __init__(self, judges: Sequence[BaseBinaryJudge]) -> None:
-        judges = list(judges)
-        if not judges:
-            raise ValueError("judges must hold at least one binary judge")
+    def __init__(self, judges: Sequence[BaseBinaryJudge] | None = None) -> None:
+        judges = list(judges) if judges is not None else []
         for index, judge in enumerate(judges):
             if not isinstance(judge, BaseBinaryJudge):
                 raise ValueError(f"judges[{index}] must be a BaseBinaryJudge, got {type(judge).__name__}")
@@ -69,4 +68,6 @@ class AllTrueJudge(BaseBinaryJudge):
                     f"{type(judge).__name__} returned {len(decisions)} judgements for {len(prompts)} completions"
                 )
             judgements.append(decisions)
+        if not judgements:
+            return [1] * len(completions)
         return combine_all_true(judgements)

@@ -146,8 +146,11 @@ def test_all_true_truth_table() -> None:
 
 def test_all_true_single_judge_and_errors() -> None:
     assert AllTrueJudge([_Contains("a")]).judge(["p", "p"], ["a", "b"]) == [1, 0]
-    with pytest.raises(ValueError, match="at least one"):
-        AllTrueJudge([])
+    # no judges: every completion passes, and the arguments are still checked
+    assert AllTrueJudge().judge(["p", "q", "r"], ["a", "b", "c"]) == [1, 1, 1]
+    assert AllTrueJudge([]).judge([], []) == []
+    with pytest.raises(ValueError, match="same length"):
+        AllTrueJudge().judge(["p"], ["a", "b"])
     with pytest.raises(ValueError, match=r"judges\[0\]"):
         AllTrueJudge([object()])
 
