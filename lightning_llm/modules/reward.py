@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,11 +15,15 @@ from lightning_llm.losses.reward import reward_loss
 from lightning_llm.models.loading import load_model
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 
+#: the pairwise reward losses (Bradley-Terry "ranking", :func:`~lightning_llm.losses.reward.reward_loss`)
+LOSS_TYPES = ("ranking",)
+
 
 class RewardModule(LLMModule):
     """A sequence classifier with one output scored on each chosen and rejected sequence of a
     :class:`~lightning_llm.PreferenceDataModule` batch, trained with ``-log σ(r_w - r_l - margin)`` (Bradley-Terry;
-    the ``margin`` column when the data has one) plus ``center_rewards_coefficient · (r_w + r_l)²``.
+    the data's ``margin`` column, else the ``margin`` argument, else 0) plus
+    ``center_rewards_coefficient · (r_w + r_l)²``.
 
     A causal-LM checkpoint (e.g. an SFT model, or a preset) gets a freshly initialised one-output score head. The
     reward of a sequence is the head's output at its last non-padding token.
@@ -30,6 +35,9 @@ class RewardModule(LLMModule):
         model: see :class:`~lightning_llm.modules.base.LLMModule`; a causal LM or a sequence classifier.
         tokenizer: see :class:`~lightning_llm.modules.base.LLMModule`.
         center_rewards_coefficient: weight of the reward-centring term (Eisenstein et al., 2023); None = off.
+        loss_type: the pairwise loss; ``"ranking"`` (Bradley-Terry, TRL's reward loss) is the one there is.
+        margin: the reward gap asked of every pair whose data has no ``margin`` column (a row's own margin wins);
+            None = no margin.
         learning_rate: TRL's reward default, 1e-4.
         disable_dropout: set every dropout probability of the model to zero, as TRL's ``RewardConfig`` does by
             default (the rewards of a pair are then compared under one and the same function).
@@ -42,6 +50,8 @@ class RewardModule(LLMModule):
         tokenizer: TokenizerArg = None,
         *,
         center_rewards_coefficient: float | None = None,
+        loss_type: str = "ranking",
+        margin: float | None = None,
         learning_rate: float = 1e-4,
         disable_dropout: bool = True,
         **kwargs: Any,
@@ -55,7 +65,14 @@ class RewardModule(LLMModule):
         super().__init__(model, tokenizer, learning_rate=learning_rate, disable_dropout=disable_dropout, **kwargs)
         if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not math.isfinite(margin)):
+            raise ValueError(f"margin must be a finite number or None, got {margin!r}")
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.loss_type = loss_type
+        self.margin = None if margin is None else float(margin)
         self.val_accuracy = BinaryAccuracy()
 
     @property
@@ -81,7 +98,10 @@ class RewardModule(LLMModule):
 
     def _step(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         chosen, rejected = self.rewards(batch.sequences).chunk(2)
-        out = reward_loss(chosen, rejected, margin=batch.margin,
+        margin = batch.margin
+        if margin is None and self.margin is not None:
+            margin = torch.full_like(chosen, self.margin)
+        out = reward_loss(chosen, rejected, margin=margin,
                           center_rewards_coefficient=self.center_rewards_coefficient)
         loss = out.losses.mean()
         self.record("loss", loss)

@@ -37,14 +37,17 @@ def rewards_alone(model, batch) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("margin,center", [(False, None), (True, 0.05)], ids=["plain", "margin_centered"])
-def test_loss_and_metrics_by_hand(tok, margin, center):
+@pytest.mark.parametrize("margin,center,global_margin", [(False, None, None), (True, 0.05, None), (False, None, 0.7),
+                                                         (True, None, 0.7)],
+                         ids=["plain", "margin_centered", "global_margin", "row_margins_win"])
+def test_loss_and_metrics_by_hand(tok, margin, center, global_margin):
     rows = sample_rows("preference_standard", 6)
     if margin:
         for row, m in zip(rows, [0.5, -1.0, 0.0, 2.0, 0.25, 1.0]):
             row["margin"] = m
     batch = batch_of(rows, tok)
-    module = RewardModule(classifier(), tokenizer=tok, center_rewards_coefficient=center)
+    module = RewardModule(classifier(), tokenizer=tok, center_rewards_coefficient=center, margin=global_margin,
+                          loss_type="ranking")
     module.configure_model()
     module.train()
     loss = module.training_step(batch, 0)
@@ -52,7 +55,8 @@ def test_loss_and_metrics_by_hand(tok, margin, center):
 
     r = rewards_alone(classifier(), batch)
     chosen, rejected = r.chunk(2)
-    m = batch.margin.double() if margin else 0.0
+    # a row's own margin wins over the global one, which applies where the data has none
+    m = batch.margin.double() if margin else (global_margin or 0.0)
     expected = -F.logsigmoid(chosen - rejected - m).mean()
     if center:
         expected = expected + center * ((chosen + rejected) ** 2).mean()
@@ -119,6 +123,11 @@ def test_refusals(tok):
         RewardModule(tiny_model("tiny-llama"), tokenizer=tok)
     with pytest.raises(ValueError, match="center_rewards_coefficient"):
         RewardModule(classifier(), tokenizer=tok, center_rewards_coefficient=-1.0)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        RewardModule(classifier(), tokenizer=tok, loss_type="pairwise")
+    for bad in (float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="margin must be a finite number"):
+            RewardModule(classifier(), tokenizer=tok, margin=bad)
     module = RewardModule(classifier(), tokenizer=tok)
     module.configure_model()
     flat = batch_of(sample_rows("preference_standard", 2), tok, padding_free=True)
