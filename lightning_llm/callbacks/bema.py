@@ -7,7 +7,9 @@ With ``t`` the optimizer step, ``θ_t`` the trained weights and ``θ_0`` their s
     EMA_t = (1 − β_t)·EMA_{t−1} + β_t·θ_t                   (EMA starts at θ_0)
     BEMA_t = EMA_t + α_t·(θ_t − θ_0)
 
-updated every ``φ`` steps after ``τ``; ``ρ`` = ``lag``, ``γ`` = ``multiplier``, ``κ`` = ``ema_power``, ``η`` =
+updated every ``φ`` steps after ``τ``. With a constant decay ``beta`` (``BEMACallback(beta=0.999)``), the EMA weight
+is ``β_t = 1 − beta`` at every update instead (``EMA_t = beta·EMA_{t−1} + (1 − beta)·θ_t``, the usual EMA); the
+bias correction is unchanged. Otherwise ``ρ`` = ``lag``, ``γ`` = ``multiplier``, ``κ`` = ``ema_power``, ``η`` =
 ``bias_power``, ``φ`` = ``update_freq``, ``τ`` = ``update_after``. As in TRL, ``t`` is the global step.
 """
 
@@ -57,6 +59,9 @@ class BEMACallback(L.Callback):
             ``merge_adapters`` setting (as ``export_hf``).
         evaluate_with_bema: validate with the BEMA weights (swapped in when validation starts, and out when it ends),
             so ``val/`` metrics and validation callbacks see the averaged model.
+        beta: a constant EMA decay (the EMA keeps ``beta`` of itself and takes ``1 − beta`` of the new weights at
+            each update), in place of the ``(ρ + γ·t)^(−κ)`` schedule, ``ema_power`` and ``min_ema_multiplier``;
+            None = the schedule (TRL's BEMA).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class BEMACallback(L.Callback):
         save: bool = True,
         merge_adapters: bool | None = None,
         evaluate_with_bema: bool = False,
+        beta: float | None = None,
     ) -> None:
         if update_freq < 1:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
@@ -84,6 +90,8 @@ class BEMACallback(L.Callback):
             raise ValueError(f"bias_power must be >= 0, got {bias_power}")
         if not 0.0 <= min_ema_multiplier <= 1.0:
             raise ValueError(f"min_ema_multiplier must be in [0, 1], got {min_ema_multiplier}")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1):
+            raise ValueError(f"beta must be None or a number in [0, 1), got {beta!r}")
         if multiplier <= 0:
             raise ValueError(f"multiplier must be positive, got {multiplier}")
         if lag + multiplier * (update_after + update_freq) <= 0:
@@ -100,6 +108,7 @@ class BEMACallback(L.Callback):
         self.save = save
         self.merge_adapters = merge_adapters
         self.evaluate_with_bema = evaluate_with_bema
+        self.beta = None if beta is None else float(beta)
         self.names: list[str] = []
         self.theta0: list[Tensor] = []
         self.ema: list[Tensor] = []
@@ -109,12 +118,17 @@ class BEMACallback(L.Callback):
 
     @property
     def state_key(self) -> str:
+        # beta joins the key only when set, so checkpoints written before it existed still resume
+        extra = {} if self.beta is None else {"beta": self.beta}
         return self._generate_state_key(update_freq=self.update_freq, ema_power=self.ema_power,
-                                        bias_power=self.bias_power, lag=self.lag, update_after=self.update_after)
+                                        bias_power=self.bias_power, lag=self.lag, update_after=self.update_after,
+                                        **extra)
 
     # ------------------------------------------------------------------------------------------------ schedule
     def ema_beta(self, step: int) -> float:
-        """EMA weight ``β_t = max((ρ + γ·t)^(−κ), min_ema_multiplier)``."""
+        """EMA weight ``β_t = max((ρ + γ·t)^(−κ), min_ema_multiplier)``, or ``1 − beta`` with a constant decay."""
+        if self.beta is not None:
+            return 1.0 - self.beta
         return max((self.lag + self.multiplier * step) ** (-self.ema_power), self.min_ema_multiplier)
 
     def bema_alpha(self, step: int) -> float:

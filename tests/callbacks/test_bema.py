@@ -78,8 +78,8 @@ class ScriptedModule(LightningModule):
 
 
 def expected_bema(trajectory: list[dict], *, update_freq, update_after, lag, multiplier, ema_power, bias_power,
-                  min_ema_multiplier) -> dict[int, dict[str, torch.Tensor]]:
-    """BEMA after every step, straight from the paper's formulas, in float64."""
+                  min_ema_multiplier, decay=None) -> dict[int, dict[str, torch.Tensor]]:
+    """BEMA after every step, straight from the paper's formulas, in float64 (``decay``: a constant EMA decay)."""
     theta0 = ema = bema = trajectory[0]
     out = {}
     for t in range(1, len(trajectory)):
@@ -87,7 +87,7 @@ def expected_bema(trajectory: list[dict], *, update_freq, update_after, lag, mul
         if t == update_after:
             theta0 = ema = bema = theta
         elif t > update_after and (t - update_after) % update_freq == 0:
-            beta = max((lag + multiplier * t) ** -ema_power, min_ema_multiplier)
+            beta = max((lag + multiplier * t) ** -ema_power, min_ema_multiplier) if decay is None else 1 - decay
             alpha = (lag + multiplier * t) ** -bias_power
             ema = {n: (1 - beta) * ema[n] + beta * theta[n] for n in theta}
             bema = {n: ema[n] + alpha * (theta[n] - theta0[n]) for n in theta}
@@ -110,10 +110,10 @@ class RecordBEMA(Callback):
         self.after_validation.append({n: p.detach().double().clone() for n, p in pl_module.model.named_parameters()})
 
 
-def _fit_scripted(tmp_path, max_steps: int, ckpt_path=None, evaluate_with_bema=False, checkpoint_cb=None):
+def _fit_scripted(tmp_path, max_steps: int, ckpt_path=None, evaluate_with_bema=False, checkpoint_cb=None, beta=None):
     trajectory = _trajectory()
     module = ScriptedModule(trajectory)
-    bema = BEMACallback(**SCHEDULE, evaluate_with_bema=evaluate_with_bema, save=False)
+    bema = BEMACallback(**SCHEDULE, evaluate_with_bema=evaluate_with_bema, save=False, beta=beta)
     record = RecordBEMA(bema)
     callbacks = [bema, record] + ([checkpoint_cb] if checkpoint_cb else [])
     trainer = quiet_trainer(max_steps=max_steps, val_check_interval=4, callbacks=callbacks,
@@ -142,6 +142,19 @@ def test_bema_follows_the_formula_step_by_step(tmp_path):
     assert module.model[0].weight.requires_grad and not module.model[1].weight.requires_grad
 
 
+def test_a_constant_decay_replaces_the_ema_schedule(tmp_path):
+    """BEMACallback(beta=0.9): the EMA keeps 0.9 of itself at each update; the bias correction is the schedule's."""
+    trajectory, _, bema, record = _fit_scripted(tmp_path, NUM_STEPS, beta=0.9)
+    expected = expected_bema(trajectory, **SCHEDULE, decay=0.9)
+    scheduled = expected_bema(trajectory, **SCHEDULE)
+    assert bema.ema_beta(5) == pytest.approx(0.1) and bema.ema_beta(500) == pytest.approx(0.1)
+    for step, values in record.by_step.items():
+        for name, value in values.items():
+            torch.testing.assert_close(value, expected[step][name], rtol=0, atol=1e-6, msg=f"{name} at step {step}")
+    assert not torch.allclose(expected[NUM_STEPS]["0.weight"], scheduled[NUM_STEPS]["0.weight"])
+    assert "beta" in bema.state_key and "beta" not in BEMACallback().state_key
+
+
 def test_bema_schedule_matches_trl_formulas():
     callback = BEMACallback(lag=10, multiplier=1.0, ema_power=0.5, bias_power=0.2, min_ema_multiplier=0.0)
     for step in (1, 7, 400):
@@ -153,7 +166,7 @@ def test_bema_schedule_matches_trl_formulas():
 @pytest.mark.parametrize("kwargs, match", [
     ({"update_freq": 0}, "update_freq"), ({"update_after": -1}, "update_after"), ({"ema_power": -1}, "ema_power"),
     ({"bias_power": -0.5}, "bias_power"), ({"min_ema_multiplier": 1.5}, "min_ema_multiplier"),
-    ({"multiplier": 0}, "multiplier"),
+    ({"multiplier": 0}, "multiplier"), ({"beta": 1.0}, "beta"), ({"beta": -0.1}, "beta"), ({"beta": "0.9"}, "beta"),
 ])
 def test_bema_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
