@@ -196,6 +196,22 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_scheduler_name(name: str | None, kwargs: dict[str, Any] | None) -> None:
+    """A ``ValueError`` unless ``name`` is None or a schedule ``transformers.get_scheduler`` steps per optimizer step
+    (``reduce_lr_on_plateau`` needs a metric, so it is refused)."""
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"lr_scheduler_kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if name is None:
+        if kwargs:
+            raise ValueError("lr_scheduler_kwargs was given without lr_scheduler_type")
+        return
+    from transformers import SchedulerType
+
+    names = [t.value for t in SchedulerType if t.value != "reduce_lr_on_plateau"]
+    if name not in names:
+        raise ValueError(f"lr_scheduler_type must be None or one of {names}, got {name!r}")
+
+
 def pass_typed_batches(precision_plugin: Any) -> None:
     """Let the typed batches through ``precision_plugin.convert_input`` unchanged.
 
@@ -266,7 +282,13 @@ class LLMModule(L.LightningModule):
         warmup_steps: warm-up steps (overrides ``warmup_ratio`` when > 0).
         optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW,
             fused where the parameters allow it (the HF Trainer's default ``adamw_torch_fused``).
-        scheduler: a callable ``optimizer -> LRScheduler``; default cosine decay with linear warm-up.
+        scheduler: a callable ``optimizer -> LRScheduler``; default: the schedule ``lr_scheduler_type`` names.
+        lr_scheduler_type: the default schedule (ignored when ``scheduler`` is given): ``None`` for cosine decay to 0
+            with a linear warm-up that reaches the peak at the end of the first warm-up step; or a name of
+            ``transformers.get_scheduler`` (``linear``, ``cosine``, ``constant``, ``constant_with_warmup``,
+            ``cosine_with_min_lr``, ``polynomial``, ``inverse_sqrt``, ``warmup_stable_decay``, ...), stepped once per
+            optimizer step exactly as the HF Trainer behind TRL steps it (its warm-up starts at 0).
+        lr_scheduler_kwargs: extra arguments of the named schedule (e.g. ``{"min_lr_rate": 0.1}``).
         logprob_tiles: fields of :class:`~lightning_llm.kernels.linear_logprobs.TileConfig` for the Triton path,
             e.g. ``{"fused_gemm": true}`` or ``{"logits_dtype": "bfloat16"}``; ignored where another path runs.
         logprob_impl: token log-prob implementation: ``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``,
@@ -303,6 +325,8 @@ class LLMModule(L.LightningModule):
         warmup_steps: int = 0,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_type: str | None = None,
+        lr_scheduler_kwargs: dict[str, Any] | None = None,
         logprob_impl: str = "auto",
         logprob_tiles: dict[str, Any] | None = None,
         chat_template: str | None = None,
@@ -323,6 +347,7 @@ class LLMModule(L.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        check_scheduler_name(lr_scheduler_type, lr_scheduler_kwargs)
         if not isinstance(model, (str, os.PathLike, PreTrainedModel, dict)):
             raise ValueError(f"model must be a hub id, a path, a preset name or a PreTrainedModel, got {type(model)}")
         with warnings.catch_warnings():
@@ -345,6 +370,8 @@ class LLMModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.lr_scheduler_type = lr_scheduler_type
+        self.lr_scheduler_kwargs = dict(lr_scheduler_kwargs or {})
         self.logprob_impl = logprob_impl
         self.logprob_tiles = parse_tiles(logprob_tiles)
         self.export_dir = export_dir
@@ -363,8 +390,9 @@ class LLMModule(L.LightningModule):
             self.model = self._prepare_policy(load_model(model, dtype=dtype))
         self._metrics = {"train": MetricBuffer(), "val": MetricBuffer(), "test": MetricBuffer()}
         self.num_tokens_seen = 0.0
-        #: the values of the last flush of each mode's metrics (Lightning's ``callback_metrics`` keep a metric's last
-        #: value on later steps that do not log it; this holds exactly what the last step logged)
+        #: the values of the last flush of each mode's metrics, a new dict at each flush (Lightning's
+        #: ``callback_metrics`` keep a metric's last value on later steps that do not log it; this holds exactly what
+        #: the last step logged: for training, with the running ``num_tokens`` and the ``learning_rate``)
         self.last_metrics: dict[str, dict[str, float]] = {}
 
     def _plain_hyperparameters(self, model: ModelArg, peft_config: Any) -> None:
@@ -598,6 +626,7 @@ class LLMModule(L.LightningModule):
             if loss is not None:
                 self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1, sync_dist=False)
                 values["loss"] = loss
+            self.last_metrics[mode] = dict(values)
         else:
             self.log_dict({f"{mode}/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1,
                           sync_dist=False, prog_bar=False)
@@ -754,7 +783,14 @@ class LLMModule(L.LightningModule):
         else:
             total = self.total_optimizer_steps()
             warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
-            scheduler = cosine_with_warmup(optimizer, total, warmup)
+            if self.lr_scheduler_type is None:
+                scheduler = cosine_with_warmup(optimizer, total, warmup)
+            else:
+                from transformers import get_scheduler
+
+                scheduler = get_scheduler(self.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                          num_training_steps=total,
+                                          scheduler_specific_kwargs=self.lr_scheduler_kwargs or None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _fused_adamw_applies(self, params: list[Tensor]) -> bool:

@@ -136,6 +136,23 @@ def test_cosine_with_warmup_values():
     assert lrs[6] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_named_schedule_steps_like_the_hf_trainer(tok):
+    """``lr_scheduler_type="linear"``: warm-up from 0 over 2 steps, then linear decay to 0 at step 6 (hand-computed:
+    the HF Trainer's schedule that TRL's configs default to); the rate each step used is logged."""
+    from helpers import StepMetrics, quiet_trainer
+
+    module = SFTModule("tiny-llama", learning_rate=0.4, lr_scheduler_type="linear", warmup_steps=2)
+    data = SFTDataModule("sample:messages", tokenizer=tok, batch_size=2, max_length=48)
+    metrics = StepMetrics()
+    quiet_trainer(max_steps=6, callbacks=[metrics]).fit(module, data)
+    lrs = [step["learning_rate"] for step in metrics.logged]
+    assert lrs == pytest.approx([0.0, 0.2, 0.4, 0.3, 0.2, 0.1], abs=1e-9)
+    with pytest.raises(ValueError, match="lr_scheduler_type must be None or one of"):
+        SFTModule("tiny-llama", lr_scheduler_type="reduce_lr_on_plateau")
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs was given without lr_scheduler_type"):
+        SFTModule("tiny-llama", lr_scheduler_kwargs={"min_lr_rate": 0.1})
+
+
 def test_decay_groups_exclude_biases_and_norms():
     model = tiny_model("tiny-qwen2")  # attention biases, RMSNorms, tied embeddings
     decay, plain = decay_parameter_groups(model, 0.1)
