@@ -36,7 +36,10 @@ def run(tmp_path: Path, algo: str, strategy: str) -> dict:
 @pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "rloo"])
 def test_two_processes_under_ddp_and_fsdp2_match_one(tmp_path, algo):
     one = run(tmp_path, algo, "single")
-    assert one["world_size"] == 1 and len(one["losses"]) == 3 and len(set(one["losses"])) == 3
+    assert one["world_size"] == 1 and len(one["losses"]) == 3
+    # distinct losses show the steps differ; on-policy RLOO losses are zero up to rounding, so two may be exactly 0.0
+    # (the trained weights are checked to have moved below)
+    assert algo == "rloo" or len(set(one["losses"])) == 3
     for strategy, sharded in (("ddp", False), ("fsdp2", True)):
         two = run(tmp_path, algo, strategy)
         assert two["world_size"] == 2 and two["sharded"] is sharded, two["strategy"]
