@@ -33,6 +33,7 @@ values; the two agree with one micro-batch per step).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, fields
@@ -421,7 +422,13 @@ class OnlineModule(LLMModule, abc.ABC):
         rollouts = self.engine.generate(
             self.model, batch.prompt_ids, self.sampling, eos_token_ids=self.eos_token_ids(),
             pad_token_id=self.pad_token_id, generator=self._sampling_generator(batch.generation, self.training),
+            prompts=batch.prompts,
         )
+        if rollouts.extra_fields:  # what the engine measured reaches the reward functions as columns
+            rows = batch.rows or [{} for _ in batch.prompts]
+            batch = dataclasses.replace(batch, rows=[
+                {**row, **{name: values[i] for name, values in rollouts.extra_fields.items()}}
+                for i, row in enumerate(rows)])
         completion_lists = rollouts.completion_ids
         completions = self.decode_completions(batch.prompts, completion_lists)
         prompt_ids, prompt_mask = pad_rows(batch.prompt_ids, self.pad_token_id, left=True, device=device)

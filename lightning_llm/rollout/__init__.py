@@ -12,6 +12,7 @@ has them, the log-prob of each sampled token under the distribution it was drawn
   allocated once, our logits processing (:mod:`~lightning_llm.rollout.sampling`, the distribution of ``generate``);
   static cache and ``torch.compile`` on CUDA; always returns log-probs.
 - :class:`FixedRollouts` (``"fixed"``): replays given completions (tests, parity checks, offline debugging).
+- :class:`FunctionRollouts`: completions from a user's ``rollout_func(prompts, trainer)`` (TRL's contract).
 
 ``make_engine("fast")`` (or ``"hf"``, ``"fixed"``, with the class's keyword arguments) builds one by name.
 
@@ -49,6 +50,7 @@ from typing import Any
 from lightning_llm.rollout.base import RolloutEngine, Rollouts, SamplingSettings
 from lightning_llm.rollout.fast import FastDecodeEngine
 from lightning_llm.rollout.fixed import FixedRollouts
+from lightning_llm.rollout.function import FunctionRollouts
 from lightning_llm.rollout.hf import HFGenerateEngine
 
 #: engine name -> class
@@ -67,6 +69,6 @@ def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
 
 
 __all__ = [
-    "ENGINES", "FastDecodeEngine", "FixedRollouts", "HFGenerateEngine", "RolloutEngine", "Rollouts",
+    "ENGINES", "FastDecodeEngine", "FixedRollouts", "FunctionRollouts", "HFGenerateEngine", "RolloutEngine", "Rollouts",
     "SamplingSettings", "make_engine",
 ]

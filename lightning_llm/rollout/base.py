@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,8 +83,15 @@ class Rollouts:
     #: (repetition penalty, temperature, top-k, top-p, min-p applied; greedy: repetition penalty only), when the
     #: engine has them
     logprobs: list[list[float]] | None = None
+    #: further per-completion values (name -> one value per completion) that the reward functions receive as dataset
+    #: columns, e.g. what a rollout function measured while generating
+    extra_fields: dict[str, list] | None = None
 
     def __post_init__(self) -> None:
+        for name, values in (self.extra_fields or {}).items():
+            if len(values) != len(self.completion_ids):
+                raise ValueError(f"Rollouts.extra_fields[{name!r}] has {len(values)} values for "
+                                 f"{len(self.completion_ids)} completions; it needs one per completion")
         if self.logprobs is None:
             return
         if len(self.logprobs) != len(self.completion_ids):
@@ -104,7 +112,7 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, *,
                  eos_token_ids: Sequence[int], pad_token_id: int,
-                 generator: torch.Generator | None = None) -> Rollouts:
+                 generator: torch.Generator | None = None, prompts: Sequence[Any] | None = None) -> Rollouts:
         """One completion per prompt of ``prompt_ids`` (token ids, no padding), sampled from ``model``.
 
         Args:
@@ -114,6 +122,8 @@ class RolloutEngine(abc.ABC):
             eos_token_ids: the ids that end a completion (kept as its last token).
             pad_token_id: the id used to pad prompts (left) and finished rows.
             generator: the source of randomness of sampling; None = torch's global RNG.
+            prompts: the same prompts as given (strings or conversations), for engines that work from them (a user's
+                rollout function, an external server); the in-process engines read ``prompt_ids`` only.
         """
 
     def sync_weights(self, model: nn.Module) -> None:

@@ -4,6 +4,7 @@ offline debugging of an algorithm without a sampler in the way."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class FixedRollouts(RolloutEngine):
 
     def generate(self, model: nn.Module | None, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, *,
                  eos_token_ids: Sequence[int], pad_token_id: int,
-                 generator: torch.Generator | None = None) -> Rollouts:
+                 generator: torch.Generator | None = None, prompts: Sequence[Any] | None = None) -> Rollouts:
         prompts = check_prompts(prompt_ids)
         eos = check_special_ids(eos_token_ids, pad_token_id)
         completions, logprobs = self._next(prompts)

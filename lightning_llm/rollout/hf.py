@@ -122,7 +122,7 @@ class HFGenerateEngine(RolloutEngine):
 
     def generate(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, *,
                  eos_token_ids: Sequence[int], pad_token_id: int,
-                 generator: torch.Generator | None = None) -> Rollouts:
+                 generator: torch.Generator | None = None, prompts: Sequence[Any] | None = None) -> Rollouts:
         prompts = check_prompts(prompt_ids)
         eos = check_special_ids(eos_token_ids, pad_token_id)
         seed = call_seed(generator)
