@@ -60,6 +60,10 @@ _EXPORTS: dict[str, str] = {
     "HfPairwiseJudge": "lightning_llm.judges.hf_pairwise",
     "OpenAIPairwiseJudge": "lightning_llm.judges.openai_pairwise",
     "PairRMJudge": "lightning_llm.judges.pair_rm",
+    # TRL-style trainers and configs (lightning_llm.trainers)
+    **{f"{name}{kind}": f"lightning_llm.trainers.{module}"
+       for name in ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO")
+       for kind, module in (("Trainer", "algorithms"), ("Config", "config"))},
     # utils
     "RunningMoments": "lightning_llm.utils.running_moments",
     "compute_accuracy": "lightning_llm.utils.metrics",

@@ -1,0 +1,242 @@
+"""The TRL-style trainers, one per algorithm: TRL's constructor shapes over this project's modules and data modules.
+
+=================== ================== ================ ================================
+trainer             config             module           data module
+=================== ================== ================ ================================
+``SFTTrainer``      ``SFTConfig``      ``SFTModule``    ``SFTDataModule``
+``RewardTrainer``   ``RewardConfig``   ``RewardModule`` ``PreferenceDataModule``
+``DPOTrainer``      ``DPOConfig``      ``DPOModule``    ``PreferenceDataModule``
+``ORPOTrainer``     ``ORPOConfig``     ``ORPOModule``   ``PreferenceDataModule``
+``CPOTrainer``      ``CPOConfig``      ``CPOModule``    ``PreferenceDataModule``
+``KTOTrainer``      ``KTOConfig``      ``KTOModule``    ``UnpairedPreferenceDataModule``
+``BCOTrainer``      ``BCOConfig``      ``BCOModule``    ``UnpairedPreferenceDataModule``
+``PRMTrainer``      ``PRMConfig``      ``PRMModule``    ``StepwiseDataModule``
+``GRPOTrainer``     ``GRPOConfig``     ``GRPOModule``   ``PromptDataModule``
+``RLOOTrainer``     ``RLOOConfig``     ``RLOOModule``   ``PromptDataModule``
+=================== ================== ================ ================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning_llm.trainers.base import BaseTrainer
+from lightning_llm.trainers.config import (
+    BCOConfig,
+    CPOConfig,
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    PRMConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+    TrainingConfig,
+)
+
+
+class SFTTrainer(BaseTrainer):
+    """Supervised fine-tuning, TRL's ``SFTTrainer(model, args=SFTConfig(...), train_dataset=...)``: rows of text,
+    messages or prompt/completion (see :class:`~lightning_llm.SFTDataModule`); the loss of
+    :class:`~lightning_llm.SFTModule`."""
+
+    config_class = SFTConfig
+    module_path = "lightning_llm.modules.sft.SFTModule"
+    datamodule_path = "lightning_llm.data.sft.SFTDataModule"
+    algorithm = "SFT"
+
+
+class RewardTrainer(BaseTrainer):
+    """Reward modelling, TRL's ``RewardTrainer``: preference rows (``chosen``/``rejected``, optionally ``prompt`` and
+    ``margin``); the model becomes a one-label sequence classifier (:class:`~lightning_llm.RewardModule`)."""
+
+    config_class = RewardConfig
+    module_path = "lightning_llm.modules.reward.RewardModule"
+    datamodule_path = "lightning_llm.data.preference.PreferenceDataModule"
+    algorithm = "Reward"
+
+
+class ORPOTrainer(BaseTrainer):
+    """ORPO, TRL's experimental ``ORPOTrainer`` (no reference model): :class:`~lightning_llm.ORPOModule`."""
+
+    config_class = ORPOConfig
+    module_path = "lightning_llm.modules.orpo.ORPOModule"
+    datamodule_path = "lightning_llm.data.preference.PreferenceDataModule"
+    algorithm = "ORPO"
+
+
+class CPOTrainer(BaseTrainer):
+    """CPO and SimPO, TRL's experimental ``CPOTrainer`` (no reference model): :class:`~lightning_llm.CPOModule`."""
+
+    config_class = CPOConfig
+    module_path = "lightning_llm.modules.cpo.CPOModule"
+    datamodule_path = "lightning_llm.data.preference.PreferenceDataModule"
+    algorithm = "CPO"
+
+
+class PRMTrainer(BaseTrainer):
+    """Process reward modelling, TRL 0.19's ``PRMTrainer``: stepwise rows (``prompt``, ``completions``, ``labels``);
+    :class:`~lightning_llm.PRMModule`."""
+
+    config_class = PRMConfig
+    module_path = "lightning_llm.modules.prm.PRMModule"
+    datamodule_path = "lightning_llm.data.stepwise.StepwiseDataModule"
+    algorithm = "PRM"
+
+
+class _ReferenceTrainer(BaseTrainer):
+    """The trainers whose second positional argument is the reference model (default: a frozen copy of the
+    policy)."""
+
+    def __init__(self, model: Any, ref_model: Any = None, args: TrainingConfig | None = None, *,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 callbacks: Any = None, peft_config: Any = None, **unsupported: Any) -> None:
+        self._ref_model = ref_model
+        super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                         **unsupported)
+
+    def module_arguments(self) -> dict[str, Any]:
+        return {"ref_model": self._ref_model}
+
+    @property
+    def ref_model(self) -> Any:
+        """The reference model (None until built, or when a PEFT policy's base serves as the reference)."""
+        return getattr(self.module, "ref_model", None)
+
+
+class DPOTrainer(_ReferenceTrainer):
+    """DPO and its fifteen losses, TRL's ``DPOTrainer(model, ref_model=None, args=DPOConfig(...), ...)``:
+    preference rows; :class:`~lightning_llm.DPOModule`."""
+
+    config_class = DPOConfig
+    module_path = "lightning_llm.modules.dpo.DPOModule"
+    datamodule_path = "lightning_llm.data.preference.PreferenceDataModule"
+    algorithm = "DPO"
+
+
+class KTOTrainer(_ReferenceTrainer):
+    """KTO, TRL's ``KTOTrainer``: unpaired rows (``prompt``, ``completion``, ``label``);
+    :class:`~lightning_llm.KTOModule`."""
+
+    config_class = KTOConfig
+    module_path = "lightning_llm.modules.kto.KTOModule"
+    datamodule_path = "lightning_llm.data.unpaired.UnpairedPreferenceDataModule"
+    algorithm = "KTO"
+
+
+class BCOTrainer(_ReferenceTrainer):
+    """BCO, TRL 0.19's ``BCOTrainer``: unpaired rows; :class:`~lightning_llm.BCOModule`.
+
+    ``embedding_func`` with ``embedding_tokenizer`` is TRL's pair (``embedding_func(input_ids, attention_mask) ->
+    [N, D]`` on prompts tokenized by ``embedding_tokenizer``); without a tokenizer ``embedding_func`` takes the
+    prompts' texts, as :class:`~lightning_llm.BCOModule`'s does.
+    """
+
+    config_class = BCOConfig
+    module_path = "lightning_llm.modules.bco.BCOModule"
+    datamodule_path = "lightning_llm.data.unpaired.UnpairedPreferenceDataModule"
+    algorithm = "BCO"
+
+    def __init__(self, model: Any, ref_model: Any = None, args: BCOConfig | None = None, *,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 callbacks: Any = None, peft_config: Any = None, embedding_func: Callable | None = None,
+                 embedding_tokenizer: Any = None, **unsupported: Any) -> None:
+        if embedding_tokenizer is not None and embedding_func is None:
+            raise ValueError("BCOTrainer: embedding_tokenizer was given without embedding_func")
+        if embedding_tokenizer is not None:
+            embedding_func = _texts_to_ids(embedding_func, embedding_tokenizer)
+        self._embedding_func = embedding_func
+        super().__init__(model, ref_model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                         **unsupported)
+
+    def module_arguments(self) -> dict[str, Any]:
+        return {**super().module_arguments(), "embedding_func": self._embedding_func}
+
+
+def _texts_to_ids(embedding_func: Callable, tokenizer: Any) -> Callable:
+    """TRL's ``embedding_func(input_ids, attention_mask)`` as a function of prompt texts."""
+    import torch
+
+    def embed(prompts: Sequence[str]) -> torch.Tensor:
+        encoded = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+        return embedding_func(encoded["input_ids"], encoded["attention_mask"])
+
+    return embed
+
+
+class _OnlineTrainer(BaseTrainer):
+    """The trainers that generate while training: TRL's ``(model, reward_funcs, args, train_dataset, eval_dataset,
+    processing_class, reward_processing_classes, callbacks, optimizers, peft_config, rollout_func)``."""
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: TrainingConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 reward_processing_classes: Any = None, callbacks: Any = None, optimizers: Any = (None, None),
+                 peft_config: Any = None, *, rollout_func: Callable | None = None, ref_model: Any = None,
+                 **unsupported: Any) -> None:
+        arguments: dict[str, Any] = {"reward_funcs": reward_funcs, "ref_model": ref_model}
+        if reward_processing_classes is not None:
+            classes = reward_processing_classes
+            arguments["reward_tokenizers"] = list(classes) if isinstance(classes, (list, tuple)) else [classes]
+        if rollout_func is not None:
+            from lightning_llm.rollout.function import FunctionRollouts
+
+            arguments["rollout"] = FunctionRollouts(rollout_func, owner=self)
+        self.rollout_func = rollout_func
+        steps = self._steps_per_generation(args)
+        if steps is not None:
+            arguments["steps_per_generation"] = steps
+        self._arguments = arguments
+        super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                         optimizers=optimizers, **unsupported)
+
+    def module_arguments(self) -> dict[str, Any]:
+        return dict(self._arguments)
+
+    @staticmethod
+    def _steps_per_generation(args: Any) -> int | None:
+        """TRL's ``generation_batch_size`` (completions per round over all processes) as ``steps_per_generation``."""
+        if args is None or getattr(args, "generation_batch_size", None) is None:
+            return None
+        from lightning_llm.trainers.base import process_layout
+
+        if args.steps_per_generation is not None:
+            raise ValueError(f"{type(args).__name__}: give generation_batch_size or steps_per_generation, not both")
+        devices, nodes = process_layout()
+        per_step = args.per_device_train_batch_size * devices * nodes
+        if args.generation_batch_size % per_step:
+            raise ValueError(f"{type(args).__name__}.generation_batch_size={args.generation_batch_size} must be a "
+                             f"multiple of per_device_train_batch_size x processes = {per_step}")
+        return args.generation_batch_size // per_step
+
+    @property
+    def reward_funcs(self) -> list[Any]:
+        """The reward sources, resolved (functions, reward models)."""
+        self.module._resolve_rewards()
+        return list(self.module.reward_sources)
+
+
+class GRPOTrainer(_OnlineTrainer):
+    """GRPO, TRL's ``GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=...)``: prompt-only rows
+    (their other columns reach the reward functions); :class:`~lightning_llm.GRPOModule`. ``rollout_func`` is TRL's
+    hook: ``rollout_func(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}`` replaces the
+    generation (see :class:`~lightning_llm.rollout.FunctionRollouts`)."""
+
+    config_class = GRPOConfig
+    module_path = "lightning_llm.modules.grpo.GRPOModule"
+    datamodule_path = "lightning_llm.data.prompts.PromptDataModule"
+    algorithm = "GRPO"
+
+
+class RLOOTrainer(_OnlineTrainer):
+    """RLOO, TRL's ``RLOOTrainer``: prompt-only rows; :class:`~lightning_llm.RLOOModule`; ``rollout_func`` as for
+    :class:`GRPOTrainer`."""
+
+    config_class = RLOOConfig
+    module_path = "lightning_llm.modules.rloo.RLOOModule"
+    datamodule_path = "lightning_llm.data.prompts.PromptDataModule"
+    algorithm = "RLOO"
