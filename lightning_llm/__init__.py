@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "OnlineModule": "lightning_llm.modules.online",
     "GRPOModule": "lightning_llm.modules.grpo",
     "RLOOModule": "lightning_llm.modules.rloo",
+    "OnlineDPOModule": "lightning_llm.modules.online_dpo",
     # data
     "SFTDataModule": "lightning_llm.data.sft",
     "PreferenceDataModule": "lightning_llm.data.preference",

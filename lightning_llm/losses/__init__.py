@@ -40,6 +40,16 @@ from .grpo import (
     weighted_rewards,
 )
 from .kto import KTO_LOSSES, KTOLossOutput, KTOWeightRanges, kto_kl_estimate, kto_loss, kto_weight_ranges
+from .online import (
+    ONLINE_DPO_LOSS_TYPES,
+    OnlineDPOPairs,
+    check_online_dpo_arguments,
+    first_is_chosen,
+    online_dpo_loss,
+    online_dpo_scores,
+    pair_up,
+    sequence_logps,
+)
 from .orpo import ORPOLossOutput, log1mexp, orpo_loss
 from .prm import PRMLossOutput, prm_loss
 from .reward import RewardLossOutput, reward_loss
@@ -74,7 +84,9 @@ __all__ = [
     "GRPOTerms",
     "KTOLossOutput",
     "KTOWeightRanges",
+    "ONLINE_DPO_LOSS_TYPES",
     "ORPOLossOutput",
+    "OnlineDPOPairs",
     "PRMLossOutput",
     "PolicyGradientMetrics",
     "RLOOAdvantages",
@@ -87,9 +99,11 @@ __all__ = [
     "bco_loss",
     "bco_rewards",
     "bco_udm_weights",
+    "check_online_dpo_arguments",
     "cpo_loss",
     "dpo_loss",
     "dpo_sft_loss",
+    "first_is_chosen",
     "grpo_advantages",
     "grpo_loss",
     "grpo_metrics",
@@ -102,7 +116,10 @@ __all__ = [
     "log1mexp",
     "nanstd",
     "off_policy_mask",
+    "online_dpo_loss",
+    "online_dpo_scores",
     "orpo_loss",
+    "pair_up",
     "prm_loss",
     "reward_loss",
     "rloo_advantages",
@@ -110,6 +127,7 @@ __all__ = [
     "rloo_metrics",
     "rloo_sequence_kl",
     "rloo_sequence_logps",
+    "sequence_logps",
     "sft_loss",
     "vespo_gamma_weights",
     "weighted_rewards",
