@@ -118,9 +118,11 @@ class OnlineDPOModule(OnlineModule):
         count_padding_in_objectives: sum the ``objective/*`` metrics over padding positions too, as TRL does.
         disable_dropout: TRL's default, True.
         learning_rate: TRL's Online DPO default, 5e-7.
+        num_generations: completions per prompt; Online DPO compares pairs, so 2 (any other value is refused).
+        num_generations_eval: the same under validation: 2.
         **kwargs: the :class:`~lightning_llm.modules.online.OnlineModule` arguments (reward_weights,
             reward_tokenizers, rollout, rollout_kwargs, steps_per_generation, top_p, top_k, min_p, repetition_penalty,
-            ref_model, generation_seed, ...; ``num_generations`` and ``num_generations_eval`` are 2) and the
+            ref_model, generation_seed, ...) and the
             :class:`~lightning_llm.modules.base.LLMModule` ones.
     """
 
@@ -140,13 +142,14 @@ class OnlineDPOModule(OnlineModule):
         count_padding_in_objectives: bool = False,
         disable_dropout: bool = True,
         learning_rate: float = 5e-7,
+        num_generations: int = 2,
+        num_generations_eval: int | None = 2,
         **kwargs: Any,
     ) -> None:
-        for name in ("num_generations", "num_generations_eval"):
-            if kwargs.get(name, 2) not in (2, None):
+        for name, value in (("num_generations", num_generations), ("num_generations_eval", num_generations_eval)):
+            if value not in (2, None):
                 raise ValueError(f"OnlineDPOModule compares two completions per prompt: {name} must be 2, got "
-                                 f"{kwargs[name]}")
-            kwargs.pop(name, None)
+                                 f"{value}")
         if (reward_funcs is None) == (judge is None):
             raise ValueError("OnlineDPOModule needs either reward_funcs (reward functions or models that score each "
                              "completion) or a pairwise judge, not both and not neither")
