@@ -142,6 +142,16 @@ def rloo_mid_generation(out: str):
     return module, data, []
 
 
+@case("online_dpo_accumulate", max_steps=8, accumulate=2, every=3)
+def online_dpo_accumulate(out: str):
+    """Online DPO sampling with HF generate, two micro-batches per optimizer step: the killed run stops mid
+    accumulation after the checkpoint of step 3; a list beta changes with the epoch (6 micro-batches per epoch)."""
+    module = llm.OnlineDPOModule("tiny-llama", reward_funcs=[letter_share], max_completion_length=12, max_length=64,
+                                 learning_rate=1e-2, beta=[0.1, 0.3])
+    data = llm.PromptDataModule(rows("prompt_only", 12), batch_size=4, seed=8)
+    return module, data, []
+
+
 def batch_ids(batch) -> bytes:
     """The token ids a batch holds (for a prompt batch: its prompts and its place in the generation schedule)."""
     if hasattr(batch, "prompt_ids") and batch.prompt_ids is not None:

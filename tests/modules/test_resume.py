@@ -34,6 +34,7 @@ KILLS = {
     "bco": ((5, 0), "mid-epoch, with BCO's running reward mean"),
     "grpo_mid_generation": ((3, 1), "mid generation batch: the buffer and the sampler position come back"),
     "rloo_mid_generation": ((4, 0), "between the two passes over a generation batch"),
+    "online_dpo_accumulate": ((4, 1), "mid gradient accumulation, after the epoch's beta changed"),
 }
 
 
