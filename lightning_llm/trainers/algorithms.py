@@ -1,19 +1,20 @@
 """The TRL-style trainers, one per algorithm: TRL's constructor shapes over this project's modules and data modules.
 
-=================== ================== ================ ================================
-trainer             config             module           data module
-=================== ================== ================ ================================
-``SFTTrainer``      ``SFTConfig``      ``SFTModule``    ``SFTDataModule``
-``RewardTrainer``   ``RewardConfig``   ``RewardModule`` ``PreferenceDataModule``
-``DPOTrainer``      ``DPOConfig``      ``DPOModule``    ``PreferenceDataModule``
-``ORPOTrainer``     ``ORPOConfig``     ``ORPOModule``   ``PreferenceDataModule``
-``CPOTrainer``      ``CPOConfig``      ``CPOModule``    ``PreferenceDataModule``
-``KTOTrainer``      ``KTOConfig``      ``KTOModule``    ``UnpairedPreferenceDataModule``
-``BCOTrainer``      ``BCOConfig``      ``BCOModule``    ``UnpairedPreferenceDataModule``
-``PRMTrainer``      ``PRMConfig``      ``PRMModule``    ``StepwiseDataModule``
-``GRPOTrainer``     ``GRPOConfig``     ``GRPOModule``   ``PromptDataModule``
-``RLOOTrainer``     ``RLOOConfig``     ``RLOOModule``   ``PromptDataModule``
-=================== ================== ================ ================================
+==================== =================== =================== ================================
+trainer              config              module              data
+==================== =================== =================== ================================
+``SFTTrainer``       ``SFTConfig``       ``SFTModule``       ``SFTDataModule``
+``RewardTrainer``    ``RewardConfig``    ``RewardModule``    ``PreferenceDataModule``
+``DPOTrainer``       ``DPOConfig``       ``DPOModule``       ``PreferenceDataModule``
+``ORPOTrainer``      ``ORPOConfig``      ``ORPOModule``      ``PreferenceDataModule``
+``CPOTrainer``       ``CPOConfig``       ``CPOModule``       ``PreferenceDataModule``
+``KTOTrainer``       ``KTOConfig``       ``KTOModule``       ``UnpairedPreferenceDataModule``
+``BCOTrainer``       ``BCOConfig``       ``BCOModule``       ``UnpairedPreferenceDataModule``
+``PRMTrainer``       ``PRMConfig``       ``PRMModule``       ``StepwiseDataModule``
+``GRPOTrainer``      ``GRPOConfig``      ``GRPOModule``      ``PromptDataModule``
+``RLOOTrainer``      ``RLOOConfig``      ``RLOOModule``      ``PromptDataModule``
+``OnlineDPOTrainer`` ``OnlineDPOConfig`` ``OnlineDPOModule`` ``PromptDataModule``
+==================== =================== =================== ================================
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning_llm.trainers.config import (
     DPOConfig,
     GRPOConfig,
     KTOConfig,
+    OnlineDPOConfig,
     ORPOConfig,
     PRMConfig,
     RewardConfig,
@@ -240,3 +242,39 @@ class RLOOTrainer(_OnlineTrainer):
     module_path = "lightning_llm.modules.rloo.RLOOModule"
     datamodule_path = "lightning_llm.data.prompts.PromptDataModule"
     algorithm = "RLOO"
+
+
+class OnlineDPOTrainer(_OnlineTrainer):
+    """Online DPO, TRL 1.16's experimental ``OnlineDPOTrainer(model, ref_model, reward_funcs, args=OnlineDPOConfig(...),
+    train_dataset=...)``: prompt-only rows, each completed twice; the reward sources, or a pairwise ``judge`` (TRL 1.0's
+    argument, dropped by TRL 1.16), pick the chosen completion; :class:`~lightning_llm.OnlineDPOModule`.
+    ``per_device_train_batch_size`` counts prompts, as TRL's does."""
+
+    config_class = OnlineDPOConfig
+    module_path = "lightning_llm.modules.online_dpo.OnlineDPOModule"
+    datamodule_path = "lightning_llm.data.prompts.PromptDataModule"
+    algorithm = "OnlineDPO"
+
+    def __init__(self, model: Any, ref_model: Any = None, reward_funcs: Any = None, args: TrainingConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 reward_processing_classes: Any = None, peft_config: Any = None, callbacks: Any = None,
+                 optimizers: Any = (None, None), *, judge: Any = None, **unsupported: Any) -> None:
+        self.judge = judge
+        super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                         optimizers=optimizers, peft_config=peft_config, ref_model=ref_model, **unsupported)
+
+    def module_arguments(self) -> dict[str, Any]:
+        arguments = super().module_arguments()
+        if self.judge is not None:
+            arguments["judge"] = self.judge
+        return arguments
+
+    def routed(self, target: str) -> dict[str, Any]:
+        """As :meth:`BaseTrainer.routed`, with the data module's batch sizes in completions (two per prompt)."""
+        out = super().routed(target)
+        for name in ("batch_size", "val_batch_size"):
+            if name in out and out[name] is not None:
+                out[name] = 2 * out[name]
+        return out

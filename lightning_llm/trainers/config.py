@@ -43,6 +43,7 @@ HINTS = {
     "load_best_model_at_end": "checkpoints are in output_dir; load the one you want with load_from_checkpoint",
     "logging_strategy": "metrics are logged every logging_steps steps",
     "formatting_func": "turn the rows into a supported format (text, messages, prompt/completion) first",
+    "reward_model_path": "pass the reward model (a hub id or a directory) as reward_funcs=",
 }
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
@@ -445,3 +446,28 @@ class RLOOConfig(_OnlineConfig):
     beta: float = module(0.05)
     normalize_advantages: bool = module(False)
     reward_clip_range: list | None = module(None)
+
+
+@trl_config
+class OnlineDPOConfig(TrainingConfig):
+    """:class:`~lightning_llm.trainers.OnlineDPOTrainer`'s config: TRL 1.16's experimental ``OnlineDPOConfig``.
+
+    ``per_device_train_batch_size`` counts prompts, as TRL's does (each is completed twice: the data module's
+    ``batch_size`` is twice it). ``beta`` is a number or a list indexed by epoch."""
+
+    trl_name = "OnlineDPOConfig"
+    learning_rate: float = module(5e-7)
+    beta: list | float = module(factory=lambda: [0.1])
+    loss_type: str = module("sigmoid")
+    #: the most tokens of prompt + completion in the log-probs (the prompt loses its first tokens)
+    max_length: int = module(512)
+    max_new_tokens: int = module(64, name="max_completion_length")
+    temperature: float = module(0.9)
+    top_p: float = module(1.0)
+    top_k: int = module(0)
+    min_p: float | None = module(None)
+    repetition_penalty: float = module(1.0)
+    missing_eos_penalty: float | None = module(None)
+    reward_weights: list | None = module(None)
+    disable_dropout: bool = module(True)
+    ds3_gather_for_generation: bool = module(True)

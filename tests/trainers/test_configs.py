@@ -17,15 +17,15 @@ from lightning_llm.trainers._trl_fields import TRL_CONFIGS
 from lightning_llm.trainers.base import _import
 from lightning_llm.trainers.config import DATA, FACADE, MODULE, TRAINER, target_of, trl_defaults
 
-ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO")
+ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO")
 DATA_OF = {"SFT": "sample:messages", "Reward": "sample:preference", "DPO": "sample:preference",
            "ORPO": "sample:preference", "CPO": "sample:preference", "KTO": "sample:unpaired_preference",
            "BCO": "sample:unpaired_preference", "PRM": "sample:stepwise", "GRPO": "sample:prompt_only",
-           "RLOO": "sample:prompt_only"}
+           "RLOO": "sample:prompt_only", "OnlineDPO": "sample:prompt_only"}
 #: fields of ours that TRL 1.16's config of the same name lacks (this project's additions, or older TRL spellings)
 OUR_ADDITIONS = {"warmup_ratio", "module_kwargs", "trainer_kwargs"}
 ADDITIONS_OF = {"Reward": {"loss_type", "margin"}, "GRPO": {"max_length", "dataset_num_proc"},
-               "RLOO": {"max_length", "dataset_num_proc"}, "PRM": {"model_init_kwargs", "trust_remote_code"},
+               "RLOO": {"max_length", "dataset_num_proc"}, "OnlineDPO": {"dataset_num_proc"}, "PRM": {"model_init_kwargs", "trust_remote_code"},
                # TRL 0.19's BCOConfig predates these (DPO's and KTO's later fields)
                "BCO": {"trust_remote_code", "precompute_ref_batch_size", "sync_ref_model", "ref_model_mixup_alpha",
                        "ref_model_sync_steps"}}
@@ -57,9 +57,10 @@ VALUES = {
     "importance_sampling_level": "sequence", "multi_objective_aggregation": "normalize_then_sum",
     "scale_rewards": "batch", "top_entropy_quantile": 0.5, "entropy_coef": 0.01, "off_policy_mask_threshold": 0.5,
     "use_bias_correction_kl": False, "normalize_advantages": True, "reward_clip_range": [0.0, 1.0],
+    "max_new_tokens": 24, "missing_eos_penalty": 0.5,
 }
 LOSS_TYPES = {"SFT": "dft", "Reward": "ranking", "DPO": ["ipo"], "KTO": "apo_zero_unpaired", "CPO": "simpo",
-              "GRPO": "grpo"}
+              "GRPO": "grpo", "OnlineDPO": "ipo"}
 
 
 def reward(completions, **kwargs):
@@ -70,7 +71,7 @@ def build(algorithm: str, tmp_path: Path, **fields):
     config_cls = getattr(trainers, f"{algorithm}Config")
     trainer_cls = getattr(trainers, f"{algorithm}Trainer")
     args = config_cls(output_dir=str(tmp_path / algorithm), **fields)
-    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO") else {}
+    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO", "OnlineDPO") else {}
     return trainer_cls("tiny-llama", args=args, train_dataset=DATA_OF[algorithm], **extra)
 
 
@@ -164,6 +165,8 @@ def check_targets(algorithm, config_cls, trainer, fields) -> None:
             got = trainer.module.tokenizer.chat_template
         if isinstance(value, list) and not isinstance(got, list):
             got = list(got)
+        if algorithm == "OnlineDPO" and name in ("batch_size", "val_batch_size"):
+            value = 2 * value  # TRL's Online DPO counts prompts, the data module completions
         assert got == value, f"{algorithm}Config.{config_field.name}={value!r} reached {where}.{name} as {got!r}"
 
 
@@ -303,3 +306,25 @@ def test_one_import_line_serves_a_script():
 
     assert lightning_llm.DPOTrainer is DPOTrainer and lightning_llm.GRPOConfig is trainers.GRPOConfig
     assert not hasattr(trainers, "PPOTrainer")  # until its module exists
+    assert lightning_llm.OnlineDPOTrainer is trainers.OnlineDPOTrainer
+
+
+class FirstWins(trainers.BasePairwiseJudge):
+    def judge(self, prompts, completions, shuffle_order=True):
+        return [0] * len(prompts)
+
+
+def test_online_dpo_trainer_takes_a_judge_and_counts_prompts_per_device(tmp_path):
+    args = trainers.OnlineDPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                    logging_steps=1, max_new_tokens=8, max_length=64, save_strategy="no",
+                                    report_to="none", disable_tqdm=True)
+    with pytest.raises(ValueError, match="not both"):
+        trainers.OnlineDPOTrainer("tiny-llama", reward_funcs=[reward], judge=FirstWins(), args=args,
+                                  train_dataset="sample:prompt_only")
+    built = trainers.OnlineDPOTrainer("tiny-llama", judge=FirstWins(), args=args, train_dataset="sample:prompt_only")
+    assert built.datamodule.batch_size == 4  # 2 prompts x 2 completions
+    out = built.train()
+    assert out.global_step == 2
+    logged = [entry for entry in built.state.log_history if "rewards/chosen" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2]
+    assert all(entry["beta"] == pytest.approx(0.1) for entry in logged)
