@@ -25,7 +25,8 @@ DATA_OF = {"SFT": "sample:messages", "Reward": "sample:preference", "DPO": "samp
 #: fields of ours that TRL 1.16's config of the same name lacks (this project's additions, or older TRL spellings)
 OUR_ADDITIONS = {"warmup_ratio", "module_kwargs", "trainer_kwargs"}
 ADDITIONS_OF = {"Reward": {"loss_type", "margin"}, "GRPO": {"max_length", "dataset_num_proc"},
-               "RLOO": {"max_length", "dataset_num_proc"}, "OnlineDPO": {"dataset_num_proc"}, "PRM": {"model_init_kwargs", "trust_remote_code"},
+               "RLOO": {"max_length", "dataset_num_proc"},
+               "OnlineDPO": {"dataset_num_proc"}, "PRM": {"model_init_kwargs", "trust_remote_code"},
                # TRL 0.19's BCOConfig predates these (DPO's and KTO's later fields)
                "BCO": {"trust_remote_code", "precompute_ref_batch_size", "sync_ref_model", "ref_model_mixup_alpha",
                        "ref_model_sync_steps"}}
