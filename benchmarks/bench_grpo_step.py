@@ -1,28 +1,40 @@
-"""GRPO training steps, generation included: GRPOModule (HF ``generate`` and our decode loop) against TRL 1.16's
-GRPOTrainer, side by side in one run, and the memory of each over the run.
+"""Online training steps, generation included, lightning_llm against TRL 1.16, side by side in one run, and the
+memory of each over the run: GRPO (``--algo grpo``, the default) or Online DPO (``--algo online_dpo``).
 
 Candidates (each in a fresh process, so that its time and memory are its own):
 
-- ``ours_hf``: :class:`~lightning_llm.GRPOModule` with ``rollout="hf"`` (HF ``generate`` with its KV cache);
+- ``ours_hf``: :class:`~lightning_llm.GRPOModule` (or :class:`~lightning_llm.OnlineDPOModule`) with
+  ``rollout="hf"`` (HF ``generate`` with its KV cache);
 - ``ours_fast``: the same with ``rollout="fast"`` (:class:`~lightning_llm.rollout.FastDecodeEngine`: on CUDA a
   static cache and a compiled decode step, on CPU its eager loop);
-- ``trl``: TRL 1.16's ``GRPOTrainer`` (transformers ``generate``, no vLLM).
+- ``trl``: TRL 1.16's ``GRPOTrainer`` (or ``trl.experimental.online_dpo.OnlineDPOTrainer``), transformers
+  ``generate``, no vLLM.
 
 Both sides train the same initial weights on the same prompts (the shipped ``sample:prompt_only`` questions under
-the tiny tokenizer's chat template) with the same AdamW, ``beta=0`` (no reference model, TRL's default), one
-optimizer step per generation batch, ``num_generations`` completions per prompt, and a cheap rule reward. Every
-completion is exactly ``new_tokens`` long: TRL through ``generation_kwargs={"min_new_tokens": ...}``, ours through
-an EOS id that no token equals, so both generate and train on the same number of tokens. Metrics are logged every
-``log_every`` steps on both sides (TRL's ``logging_steps``, Lightning's ``log_every_n_steps``).
+the tiny tokenizer's chat template) with the same AdamW and learning rate, the same number of prompts per optimizer
+step, one optimizer step per generation batch, and a cheap rule reward. Every completion is exactly ``new_tokens``
+long: TRL through ``generation_kwargs={"min_new_tokens": ...}``, ours through an EOS id that no token equals, so both
+generate and train on the same number of tokens. Metrics are logged every ``log_every`` steps on both sides (TRL's
+``logging_steps``, Lightning's ``log_every_n_steps``).
 
-Reported: the mean and median wall time of an optimizer step (generation, scoring, forward, backward and optimizer
-step; CUDA-synchronised) over the ``steps`` steps after ``warmup`` untimed ones, the ratio to TRL's mean, and the
-memory after the first and the last of the ``memory_steps`` steps after the warm-up (CPU: the process's resident
-set; CUDA: allocated bytes, and the peak) so that growth over the run shows.
+- GRPO: ``num_generations`` completions per prompt, ``beta=0`` (no reference model, TRL's default), lr 1e-6.
+- Online DPO: two completions per prompt (TRL's ``per_device_train_batch_size`` counts prompts, our data module's
+  ``batch_size`` completions, so it is twice as large), the reference model a frozen copy of the initial policy on
+  both sides, the sigmoid loss with ``beta=0.1``, temperature 0.9 and lr 5e-7 (TRL's defaults, given to both), and
+  TRL's ``gradient_checkpointing`` off: its config turns it on by default, and then its ``generate`` also runs
+  without a KV cache, while ours checkpoints nothing.
+
+Reported: the mean and median wall time of an optimizer step (generation, scoring, the reference forward where
+there is one, forward, backward and optimizer step; CUDA-synchronised) over the ``steps`` steps after ``warmup``
+untimed ones, the ratio to TRL's mean, and the memory after the first and the last of the ``memory_steps`` steps
+after the warm-up (CPU: the process's resident set; CUDA: allocated bytes, and the peak) so that growth over the run
+shows.
 
     python benchmarks/bench_grpo_step.py --cpu          # CPU, tiny-llama, 1 thread: 2 prompts x 4, 16 tokens, 40 steps
     python benchmarks/bench_grpo_step.py --out grpo.json   # GPU: Qwen2.5-0.5B-shaped random init, bf16, 1 x 8 x 128
     python benchmarks/bench_grpo_step.py --smoke        # CPU, a few steps, in-process (CI keeps it working)
+    python benchmarks/bench_grpo_step.py --cpu --algo online_dpo   # CPU: 4 prompts x 2, 16 tokens, 40 steps
+    python benchmarks/bench_grpo_step.py --algo online_dpo         # GPU: 0.5B shape, bf16, 4 prompts x 2 x 128
 """
 
 from __future__ import annotations
@@ -45,17 +57,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 MIB = 1024**2
+ALGOS = ("grpo", "online_dpo")
 CANDIDATES = ("ours_hf", "ours_fast", "trl")
 BASELINE = "trl"
+NEVER = 10_000_000  # an EOS id that no sampled token equals: every completion of ours is new_tokens long
 
 
 @dataclass
 class Setup:
     """What every candidate trains."""
 
+    algo: str = "grpo"  # or "online_dpo"
     model: str = "qwen2.5-0.5b-shape"  # or "tiny-llama"
     prompts_per_step: int = 1
-    num_generations: int = 8
+    num_generations: int = 8  # completions per prompt (Online DPO: 2)
     new_tokens: int = 128
     warmup: int = 2
     steps: int = 20
@@ -67,15 +82,21 @@ class Setup:
     in_process: bool = False
 
     @classmethod
-    def cpu(cls) -> Setup:
-        return cls(model="tiny-llama", prompts_per_step=2, num_generations=4, new_tokens=16, steps=40, memory_steps=50,
-                   threads=1,
-                   device="cpu")
+    def gpu(cls, algo: str = "grpo") -> Setup:
+        if algo == "online_dpo":  # 8 completions per step, as GRPO's 1 x 8
+            return cls(algo=algo, prompts_per_step=4, num_generations=2)
+        return cls(algo=algo)
 
     @classmethod
-    def smoke(cls) -> Setup:
-        return cls(model="tiny-llama", prompts_per_step=1, num_generations=2, new_tokens=3, warmup=1, steps=2,
-                   memory_steps=2, log_every=1, threads=1, device="cpu", in_process=True)
+    def cpu(cls, algo: str = "grpo") -> Setup:
+        prompts, generations = (4, 2) if algo == "online_dpo" else (2, 4)
+        return cls(algo=algo, model="tiny-llama", prompts_per_step=prompts, num_generations=generations,
+                   new_tokens=16, steps=40, memory_steps=50, threads=1, device="cpu")
+
+    @classmethod
+    def smoke(cls, algo: str = "grpo") -> Setup:
+        return cls(algo=algo, model="tiny-llama", prompts_per_step=1, num_generations=2, new_tokens=3, warmup=1,
+                   steps=2, memory_steps=2, log_every=1, threads=1, device="cpu", in_process=True)
 
     @property
     def total_steps(self) -> int:
@@ -145,26 +166,96 @@ class _Clock:
         self.memory.append(memory_now(self.device))
 
 
+def full_length(module_class: type) -> type:
+    """``module_class`` whose completions never end early: its EOS id is one that no sampled token equals."""
+
+    class FullLength(module_class):
+        def eos_token_ids(self) -> list[int]:
+            return [NEVER]
+
+    FullLength.__name__ = f"FullLength{module_class.__name__}"
+    return FullLength
+
+
+# ------------------------------------------------------------------------------------ per-algorithm builders
+def ours_grpo(setup: Setup, rollout: str, tokenizer: Any) -> tuple[Any, int]:
+    """GRPOModule and the data module's batch size (completions per step)."""
+    from lightning_llm.modules.grpo import GRPOModule
+
+    module = full_length(GRPOModule)(
+        build_model(setup), tokenizer=tokenizer, reward_funcs=[vowel_reward], rollout=rollout,
+        num_generations=setup.num_generations, max_completion_length=setup.new_tokens, beta=0.0, learning_rate=1e-6,
+    )
+    return module, setup.completions_per_step
+
+
+def trl_grpo(setup: Setup, common: dict[str, Any], callbacks: list) -> Any:
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        per_device_train_batch_size=setup.completions_per_step, num_generations=setup.num_generations,
+        max_completion_length=setup.new_tokens, generation_kwargs={"min_new_tokens": setup.new_tokens}, beta=0.0,
+        learning_rate=1e-6, shuffle_dataset=False, **common,
+    )
+    return GRPOTrainer(model=build_model(setup), reward_funcs=[vowel_reward], args=args,
+                       train_dataset=_dataset(setup), processing_class=_tokenizer(), callbacks=callbacks)
+
+
+ONLINE_DPO_LR = 5e-7  # TRL's OnlineDPOConfig default, given to both sides
+
+
+def ours_online_dpo(setup: Setup, rollout: str, tokenizer: Any) -> tuple[Any, int]:
+    """OnlineDPOModule (reference: a frozen copy of the initial policy) and its batch size: two completions per
+    prompt, so twice TRL's per_device_train_batch_size."""
+    from lightning_llm.modules.online_dpo import OnlineDPOModule
+
+    module = full_length(OnlineDPOModule)(
+        build_model(setup), tokenizer=tokenizer, reward_funcs=[vowel_reward], rollout=rollout,
+        max_completion_length=setup.new_tokens, beta=0.1, loss_type="sigmoid", temperature=0.9,
+        learning_rate=ONLINE_DPO_LR,
+    )
+    return module, 2 * setup.prompts_per_step
+
+
+def trl_online_dpo(setup: Setup, common: dict[str, Any], callbacks: list) -> Any:
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    args = OnlineDPOConfig(
+        per_device_train_batch_size=setup.prompts_per_step, max_new_tokens=setup.new_tokens,
+        generation_kwargs={"min_new_tokens": setup.new_tokens}, beta=0.1, loss_type="sigmoid", temperature=0.9,
+        learning_rate=ONLINE_DPO_LR, gradient_checkpointing=False, train_sampling_strategy="sequential", **common,
+    )
+    # ref_model=None: TRL builds a frozen copy of the initial policy
+    return OnlineDPOTrainer(model=build_model(setup), reward_funcs=[vowel_reward], args=args,
+                            train_dataset=_dataset(setup), processing_class=_tokenizer(), callbacks=callbacks)
+
+
+#: algorithm -> (our module and its batch size, TRL's trainer)
+BUILDERS = {"grpo": (ours_grpo, trl_grpo), "online_dpo": (ours_online_dpo, trl_online_dpo)}
+
+
+def _tokenizer() -> Any:
+    from lightning_llm.models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def _dataset(setup: Setup) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_list(prompt_rows(setup))
+
+
+# ------------------------------------------------------------------------------------------ shared harness
 def run_ours(name: str, setup: Setup, device: torch.device) -> _Clock:
     import lightning as L
 
     from lightning_llm.data.prompts import PromptDataModule
-    from lightning_llm.models import tiny_tokenizer
-    from lightning_llm.modules.grpo import GRPOModule
 
-    never = 10_000_000  # an EOS id that no sampled token equals: every completion is new_tokens long
-
-    class FullLengthGRPO(GRPOModule):
-        def eos_token_ids(self) -> list[int]:
-            return [never]
-
-    tokenizer = tiny_tokenizer()
-    module = FullLengthGRPO(
-        build_model(setup), tokenizer=tokenizer, reward_funcs=[vowel_reward], rollout=name.split("_")[1],
-        num_generations=setup.num_generations, max_completion_length=setup.new_tokens, beta=0.0, learning_rate=1e-6,
-    )
-    data = PromptDataModule(prompt_rows(setup), tokenizer=tokenizer, batch_size=setup.completions_per_step,
-                            shuffle=False, val_split=0.0)
+    tokenizer = _tokenizer()
+    module, batch_size = BUILDERS[setup.algo][0](setup, name.split("_")[1], tokenizer)
+    data = PromptDataModule(prompt_rows(setup), tokenizer=tokenizer, batch_size=batch_size, shuffle=False,
+                            val_split=0.0)
     clock = _Clock(device)
 
     class Timer(L.Callback):
@@ -185,11 +276,7 @@ def run_ours(name: str, setup: Setup, device: torch.device) -> _Clock:
 
 
 def run_trl(name: str, setup: Setup, device: torch.device) -> _Clock:
-    import datasets
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from lightning_llm.models import tiny_tokenizer
 
     clock = _Clock(device)
 
@@ -200,18 +287,12 @@ def run_trl(name: str, setup: Setup, device: torch.device) -> _Clock:
         def on_step_end(self, args, state, control, **kwargs):
             clock.stop()
 
-    args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), per_device_train_batch_size=setup.completions_per_step,
-        num_generations=setup.num_generations, max_completion_length=setup.new_tokens,
-        generation_kwargs={"min_new_tokens": setup.new_tokens}, beta=0.0, learning_rate=1e-6,
-        max_steps=setup.total_steps, logging_steps=setup.log_every, save_strategy="no", report_to=[],
-        bf16=device.type == "cuda", use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=setup.seed,
-        disable_tqdm=True, shuffle_dataset=False,
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench_{setup.algo}_trl_"), max_steps=setup.total_steps,
+        logging_steps=setup.log_every, save_strategy="no", report_to=[], bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=setup.seed, disable_tqdm=True,
     )
-    trainer = GRPOTrainer(model=build_model(setup), reward_funcs=[vowel_reward], args=args,
-                          train_dataset=datasets.Dataset.from_list(prompt_rows(setup)),
-                          processing_class=tiny_tokenizer(), callbacks=[Timer()])
-    trainer.train()
+    BUILDERS[setup.algo][1](setup, common, [Timer()]).train()
     return clock
 
 
@@ -271,6 +352,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--cpu", action="store_true", help="CPU, tiny-llama, one thread")
     mode.add_argument("--smoke", action="store_true", help="CPU, a few tiny steps, in-process (CI keeps it working)")
+    parser.add_argument("--algo", choices=ALGOS, default="grpo", help="the algorithm whose steps are timed")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps")
@@ -283,7 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.only:  # a candidate's own process
         args.result.write_text(json.dumps(run_candidate(args.only, Setup(**json.loads(args.setup)))))
         return []
-    setup = Setup.smoke() if args.smoke else Setup.cpu() if args.cpu else Setup()
+    setup = (Setup.smoke if args.smoke else Setup.cpu if args.cpu else Setup.gpu)(args.algo)
     if setup.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: use --cpu (or --smoke)")
     if args.warmup is not None:

@@ -1,4 +1,5 @@
-"""The GRPO-step benchmark keeps working: its smoke mode runs ours (both engines) and TRL's GRPOTrainer on CPU."""
+"""The online-step benchmark keeps working: its smoke mode runs ours (both engines) and TRL's trainer on CPU, for
+GRPO (GRPOTrainer) and Online DPO (the experimental OnlineDPOTrainer)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,35 @@ def _load():
 
 
 @pytest.mark.slow
-def test_smoke_runs_ours_and_trl(tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "online_dpo"])
+def test_smoke_runs_ours_and_trl(tmp_path, algo):
     bench = _load()
-    out = tmp_path / "grpo.json"
-    results = bench.main(["--smoke", "--out", str(out)])
+    out = tmp_path / f"{algo}.json"
+    argv = ["--smoke", "--out", str(out)] + ([] if algo == "grpo" else ["--algo", algo])
+    results = bench.main(argv)
     by_name = {r["name"]: r for r in results}
     assert set(by_name) == set(bench.CANDIDATES)
-    setup = bench.Setup.smoke()
+    setup = bench.Setup.smoke(algo)
     for name in bench.CANDIDATES:
         if "skipped" in by_name[name]:
             continue
         assert "error" not in by_name[name], by_name[name]
         assert by_name[name]["steps_timed"] == setup.steps
         assert by_name[name]["mean_step_s"] > 0 and by_name[name]["memory_last_mib"] > 0
-    assert json.loads(out.read_text())["results"] == results
+    record = json.loads(out.read_text())
+    assert record["results"] == results
+    assert record["setup"]["algo"] == algo
     assert "vs TRL" in bench.format_table(results)
+
+
+def test_online_dpo_setups_pair_the_completions():
+    """Online DPO draws two completions per prompt in every preset; the GRPO presets are those of before."""
+    bench = _load()
+    for preset in (bench.Setup.gpu, bench.Setup.cpu, bench.Setup.smoke):
+        assert preset("online_dpo").num_generations == 2 and preset("online_dpo").algo == "online_dpo"
+    assert bench.Setup.gpu() == bench.Setup()
+    assert (bench.Setup.cpu().prompts_per_step, bench.Setup.cpu().num_generations) == (2, 4)
+    assert set(bench.BUILDERS) == set(bench.ALGOS)
 
 
 def test_rewards_differ_within_a_group():
