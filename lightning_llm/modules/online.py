@@ -52,7 +52,7 @@ from lightning_llm.models.sharding import fsdp1_root, full_parameters
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 from lightning_llm.rewards import RewardLog, RewardSource, RewardState, compute_rewards, resolve_reward_source
 from lightning_llm.rewards.compute import columns_from_rows, reward_names
-from lightning_llm.rollout import RolloutEngine, SamplingSettings, make_engine
+from lightning_llm.rollout import RolloutEngine, Rollouts, SamplingSettings, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -418,12 +418,7 @@ class OnlineModule(LLMModule, abc.ABC):
         local = len(batch.prompt_ids)
         if local % splits:
             raise ValueError(f"a generation batch of {local} completions cannot be split into {splits} micro-batches")
-        self.engine.sync_weights(self.model)
-        rollouts = self.engine.generate(
-            self.model, batch.prompt_ids, self.sampling, eos_token_ids=self.eos_token_ids(),
-            pad_token_id=self.pad_token_id, generator=self._sampling_generator(batch.generation, self.training),
-            prompts=batch.prompts,
-        )
+        rollouts = self.sample_completions(batch)
         if rollouts.extra_fields:  # what the engine measured reaches the reward functions as columns
             rows = batch.rows or [{} for _ in batch.prompts]
             batch = dataclasses.replace(batch, rows=[
@@ -464,6 +459,16 @@ class OnlineModule(LLMModule, abc.ABC):
 
         order = self.generation_order(local).to(device) if self.training else torch.arange(local, device=device)
         return [rollout.select(order[k * micro: (k + 1) * micro]) for k in range(splits)]
+
+    def sample_completions(self, batch: PromptBatch) -> Rollouts:
+        """One completion of every row of ``batch`` from the policy, through the rollout engine (XPO samples some
+        rows from the reference instead)."""
+        self.engine.sync_weights(self.model)
+        return self.engine.generate(
+            self.model, batch.prompt_ids, self.sampling, eos_token_ids=self.eos_token_ids(),
+            pad_token_id=self.pad_token_id, generator=self._sampling_generator(batch.generation, self.training),
+            prompts=batch.prompts,
+        )
 
     def generation_order(self, size: int) -> Tensor:
         """The order in which a training generation batch of ``size`` completions is split into micro-batches: a

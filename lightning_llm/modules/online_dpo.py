@@ -183,7 +183,11 @@ class OnlineDPOModule(OnlineModule):
 
     def current_beta(self) -> float:
         """``β`` of the current epoch: ``beta[epoch]``, the last value once the list runs out."""
-        return self.betas[min(self.current_epoch, len(self.betas) - 1)]
+        return self.of_epoch(self.betas)
+
+    def of_epoch(self, values: list[float]) -> float:
+        """``values[epoch]``, the last value once the list runs out (TRL's per-epoch lists)."""
+        return values[min(self.current_epoch, len(values) - 1)]
 
     # ------------------------------------------------------------------------------------------- generation
     def generate_and_score(self, batch: PromptBatch, num_generations: int, splits: int) -> list[RolloutBatch]:
@@ -260,14 +264,22 @@ class OnlineDPOModule(OnlineModule):
             self.record_mean("objective/rlhf_reward", scores + non_score_reward)
             self.record_mean("objective/scores", scores)
             self.record_mean("objective/scores_margin", chosen_scores - rejected_scores)
-        margins = out.chosen_rewards - out.rejected_rewards
-        self.record_mean("rewards/chosen", out.chosen_rewards)
-        self.record_mean("rewards/rejected", out.rejected_rewards)
-        self.record_mean("rewards/margins", margins)
-        self.record_mean("rewards/accuracies", (margins > 0).float())
+        self.record_dpo_rewards(out.chosen_rewards, out.rejected_rewards)
         self.record_mean("logps/chosen", out.chosen_logps)
         self.record_mean("logps/rejected", out.rejected_logps)
-        eos_name = "val/contain_eos_token" if self.mode == "train" else "contain_eos_token"
-        self.record_mean(eos_name, self.contains_eos(rollout).float())
+        self.record_mean(self.eos_metric("contain_eos_token"), self.contains_eos(rollout).float())
         self.record("beta", beta)
+
+    def record_dpo_rewards(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> None:
+        """``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` of ``[B]`` pairs."""
+        margins = chosen_rewards - rejected_rewards
+        self.record_mean("rewards/chosen", chosen_rewards)
+        self.record_mean("rewards/rejected", rejected_rewards)
+        self.record_mean("rewards/margins", margins)
+        self.record_mean("rewards/accuracies", (margins > 0).float())
+
+    def eos_metric(self, name: str) -> str:
+        """TRL logs its EOS shares as ``val/<name>`` in training too; under validation the ``val/`` prefix comes
+        with the mode."""
+        return f"val/{name}" if self.mode == "train" else name
 
