@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "GRPOModule": "lightning_llm.modules.grpo",
     "RLOOModule": "lightning_llm.modules.rloo",
     "OnlineDPOModule": "lightning_llm.modules.online_dpo",
+    "XPOModule": "lightning_llm.modules.xpo",
     # data
     "SFTDataModule": "lightning_llm.data.sft",
     "PreferenceDataModule": "lightning_llm.data.preference",
