@@ -9,11 +9,12 @@ TRL dropped XPO after 1.13, so CI (which has TRL 1.16) compares against what thi
 Recorded with trl 1.13.0 over torch 2.13.0+cpu, transformers 5.25.0, accelerate and datasets of the dev extras
 (the versions are written into the fixture too). The setup: the tiny-llama preset (its weights saved beside this
 script, ``tiny-llama/``, and loaded from there on both sides), 4 prompts of one token length from the shipped
-prompt-only sample (their row numbers are in the fixture), 4 prompts per step, plain SGD at a large constant learning rate (so that the second step is off the
-reference), no gradient clipping. TRL's generation is replaced by fixed completions (a function of the prompt's
-token ids and of which model "sampled" it) and its reward model by a rule on the completion's token ids, both
-recorded, so our side can replay the same completions and scores. Per case and step the fixture holds TRL's logged
-metrics (the loss unrounded), and per parameter the gradient's norm and sum, and two parameters' whole gradients.
+prompt-only sample (their row numbers are in the fixture), 4 prompts per step, plain SGD at a large constant
+learning rate (so that the second step is off the reference), no gradient clipping. TRL's generation is replaced
+by fixed completions (a function of the prompt's token ids and of which model "sampled" it) and its reward model by
+a rule on the completion's token ids, both recorded, so our side can replay the same completions and scores. Per
+case and step the fixture holds TRL's logged metrics (the loss unrounded) and, per parameter, the gradient's norm,
+sum and projection on a seeded random direction, and one parameter's whole gradient.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def main() -> None:
                 "accelerate": accelerate.__version__, "datasets": datasets.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         cases = {name: record_case(settings, Path(tmp)) for name, settings in CASES.items()}
-    fixture = {"versions": versions, "prompts": PROMPTS, "rows": row_indices(), "max_completion": MAX_COMPLETION, "lr": LR,
-               "cases": cases}
+    fixture = {"versions": versions, "prompts": PROMPTS, "rows": row_indices(), "max_completion": MAX_COMPLETION,
+               "lr": LR, "cases": cases}
     (HERE / "xpo.json").write_text(json.dumps(fixture))
     print(f"wrote {HERE / 'xpo.json'} with {versions}")
 
