@@ -9,7 +9,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_llm.data.batches import PromptBatch, RolloutBatch
-from lightning_llm.losses.online import first_is_chosen, online_dpo_loss, pair_up, sequence_logps
+from lightning_llm.losses.online import first_is_chosen, sequence_logps
+from lightning_llm.losses.xpo import XPOLossOutput, check_xpo_arguments, xpo_loss
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.online_dpo import OnlineDPOModule
@@ -58,8 +59,7 @@ class XPOModule(OnlineDPOModule):
     def __init__(self, model: ModelArg, tokenizer: TokenizerArg = None, *, alpha: float | list[float] = 1e-5,
                  **kwargs: Any) -> None:
         alphas = [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else [float(alpha)]
-        if not alphas:
-            raise ValueError("`alpha` must be a number or a non-empty list of numbers (one per epoch).")
+        check_xpo_arguments(kwargs.get("loss_type", "sigmoid"), [0.1], alphas, None)  # beta: OnlineDPOModule's
         super().__init__(model, tokenizer, **kwargs)
         self.alpha = list(alphas) if isinstance(alpha, (list, tuple)) else alphas[0]
         self.alphas = alphas
@@ -105,19 +105,18 @@ class XPOModule(OnlineDPOModule):
         ref_logps = sequence_logps(rollout.ref_per_token_logps, mask)
         first_chosen = first_is_chosen(rollout.advantages)
         beta, alpha = self.current_beta(), self.current_alpha()
-        pairs = online_dpo_loss(logps, ref_logps, first_chosen, beta=beta, loss_type=self.loss_type)
-        exploration = alpha * logps[1::2]  # α · log π(y_ref), with its gradient
-        self.record_xpo_metrics(pairs, exploration.detach(), logps.detach(), ref_logps, token_logps.detach(),
-                                rollout, first_chosen, beta, alpha)
-        return (pairs.losses + exploration).mean()
+        # rows 2i: the policy's samples, rows 2i + 1: the reference's
+        out = xpo_loss(logps[0::2], ref_logps[0::2], logps[1::2], ref_logps[1::2], first_chosen, beta=beta,
+                       alpha=alpha, loss_type=self.loss_type)
+        self.record_xpo_metrics(out, logps.detach(), ref_logps, token_logps.detach(), rollout, first_chosen)
+        return out.loss
 
-    def record_xpo_metrics(self, pairs: Any, exploration: Tensor, logps: Tensor, ref_logps: Tensor,
-                           token_logps: Tensor, rollout: RolloutBatch, first_chosen: Tensor, beta: float,
-                           alpha: float) -> None:
+    def record_xpo_metrics(self, out: XPOLossOutput, logps: Tensor, ref_logps: Tensor, token_logps: Tensor,
+                           rollout: RolloutBatch, first_chosen: Tensor) -> None:
         """TRL 1.13's XPO metrics of one micro-batch."""
         mask = rollout.completion_mask
-        self.record_mean("loss/dpo", pairs.losses.detach())
-        self.record_mean("loss/xpo", exploration)
+        self.record_mean("loss/dpo", out.dpo_losses)
+        self.record_mean("loss/xpo", out.xpo_losses)
         self.record_mean("objective/kl", sequence_logps(token_logps - rollout.ref_per_token_logps, mask))
         self.record_mean("objective/entropy", -logps)
         if self.judge is None:
@@ -125,15 +124,14 @@ class XPOModule(OnlineDPOModule):
             self.record_mean("objective/model_scores", scores[0::2])
             self.record_mean("objective/ref_scores", scores[1::2])
             self.record_mean("objective/scores_margin", scores[0::2] - scores[1::2])
-        self.record_dpo_rewards(pairs.chosen_rewards, pairs.rejected_rewards)
-        ref_chosen, ref_rejected = pair_up(ref_logps, first_chosen)
-        self.record_mean("logps/chosen", pairs.chosen_logps + ref_chosen)
-        self.record_mean("logps/rejected", pairs.rejected_logps + ref_rejected)
+        self.record_dpo_rewards(out.chosen_rewards, out.rejected_rewards)
+        self.record_mean("logps/chosen", out.chosen_logps + out.chosen_ref_logps)
+        self.record_mean("logps/rejected", out.rejected_logps + out.rejected_ref_logps)
         eos = self.contains_eos(rollout).float()
         self.record_mean(self.eos_metric("model_contain_eos_token"), eos[0::2])
         self.record_mean(self.eos_metric("ref_contain_eos_token"), eos[1::2])
-        self.record("alpha", alpha)
-        self.record("beta", beta)
+        self.record("alpha", out.alpha)
+        self.record("beta", out.beta)
 
 
 def _interleave(first: Rollouts, second: Rollouts) -> Rollouts:
