@@ -38,3 +38,13 @@ def test_first_access_imports_on_demand():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "lightning_llm.modules.sft"
+
+
+def test_test_modules_have_distinct_basenames():
+    """The tests folders have no ``__init__.py``: pytest imports each test file by its basename, so two files of one
+    name in different folders stop the whole collection ("import file mismatch")."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(path.name for path in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []

@@ -14,6 +14,7 @@ trainer              config              module              data
 ``GRPOTrainer``      ``GRPOConfig``      ``GRPOModule``      ``PromptDataModule``
 ``RLOOTrainer``      ``RLOOConfig``      ``RLOOModule``      ``PromptDataModule``
 ``OnlineDPOTrainer`` ``OnlineDPOConfig`` ``OnlineDPOModule`` ``PromptDataModule``
+``XPOTrainer``       ``XPOConfig``       ``XPOModule``       ``PromptDataModule``
 ==================== =================== =================== ================================
 """
 
@@ -36,6 +37,7 @@ from lightning_llm.trainers.config import (
     RLOOConfig,
     SFTConfig,
     TrainingConfig,
+    XPOConfig,
 )
 
 
@@ -278,3 +280,13 @@ class OnlineDPOTrainer(_OnlineTrainer):
             if name in out and out[name] is not None:
                 out[name] = 2 * out[name]
         return out
+
+
+class XPOTrainer(OnlineDPOTrainer):
+    """XPO, TRL 1.13's experimental ``XPOTrainer(model, ref_model, reward_funcs, args=XPOConfig(...),
+    train_dataset=...)``: prompt-only rows, one completion from the policy and one from the reference each;
+    :class:`~lightning_llm.XPOModule`. Any reward sources or a pairwise ``judge`` (TRL 1.13 took one reward model)."""
+
+    config_class = XPOConfig
+    module_path = "lightning_llm.modules.xpo.XPOModule"
+    algorithm = "XPO"

@@ -471,3 +471,12 @@ class OnlineDPOConfig(TrainingConfig):
     reward_weights: list | None = module(None)
     disable_dropout: bool = module(True)
     ds3_gather_for_generation: bool = module(True)
+
+
+@trl_config
+class XPOConfig(OnlineDPOConfig):
+    """:class:`~lightning_llm.trainers.XPOTrainer`'s config: TRL 1.13's experimental ``XPOConfig`` (XPO left TRL
+    afterwards): Online DPO's fields and ``alpha``, a number or a list indexed by epoch."""
+
+    trl_name = "XPOConfig"
+    alpha: list | float = module(factory=lambda: [1e-5])

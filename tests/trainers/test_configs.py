@@ -17,16 +17,18 @@ from lightning_llm.trainers._trl_fields import TRL_CONFIGS
 from lightning_llm.trainers.base import _import
 from lightning_llm.trainers.config import DATA, FACADE, MODULE, TRAINER, target_of, trl_defaults
 
-ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO")
+ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO", "XPO")
 DATA_OF = {"SFT": "sample:messages", "Reward": "sample:preference", "DPO": "sample:preference",
            "ORPO": "sample:preference", "CPO": "sample:preference", "KTO": "sample:unpaired_preference",
            "BCO": "sample:unpaired_preference", "PRM": "sample:stepwise", "GRPO": "sample:prompt_only",
-           "RLOO": "sample:prompt_only", "OnlineDPO": "sample:prompt_only"}
+           "RLOO": "sample:prompt_only", "OnlineDPO": "sample:prompt_only",
+           "XPO": "sample:prompt_only"}
 #: fields of ours that TRL 1.16's config of the same name lacks (this project's additions, or older TRL spellings)
 OUR_ADDITIONS = {"warmup_ratio", "module_kwargs", "trainer_kwargs"}
 ADDITIONS_OF = {"Reward": {"loss_type", "margin"}, "GRPO": {"max_length", "dataset_num_proc"},
                "RLOO": {"max_length", "dataset_num_proc"},
-               "OnlineDPO": {"dataset_num_proc"}, "PRM": {"model_init_kwargs", "trust_remote_code"},
+               "OnlineDPO": {"dataset_num_proc"}, "XPO": {"dataset_num_proc"},
+               "PRM": {"model_init_kwargs", "trust_remote_code"},
                # TRL 0.19's BCOConfig predates these (DPO's and KTO's later fields)
                "BCO": {"trust_remote_code", "precompute_ref_batch_size", "sync_ref_model", "ref_model_mixup_alpha",
                        "ref_model_sync_steps"}}
@@ -61,7 +63,7 @@ VALUES = {
     "max_new_tokens": 24, "missing_eos_penalty": 0.5,
 }
 LOSS_TYPES = {"SFT": "dft", "Reward": "ranking", "DPO": ["ipo"], "KTO": "apo_zero_unpaired", "CPO": "simpo",
-              "GRPO": "grpo", "OnlineDPO": "ipo"}
+              "GRPO": "grpo", "OnlineDPO": "ipo", "XPO": "ipo"}
 
 
 def reward(completions, **kwargs):
@@ -72,7 +74,7 @@ def build(algorithm: str, tmp_path: Path, **fields):
     config_cls = getattr(trainers, f"{algorithm}Config")
     trainer_cls = getattr(trainers, f"{algorithm}Trainer")
     args = config_cls(output_dir=str(tmp_path / algorithm), **fields)
-    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO", "OnlineDPO") else {}
+    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO", "OnlineDPO", "XPO") else {}
     return trainer_cls("tiny-llama", args=args, train_dataset=DATA_OF[algorithm], **extra)
 
 
@@ -166,7 +168,7 @@ def check_targets(algorithm, config_cls, trainer, fields) -> None:
             got = trainer.module.tokenizer.chat_template
         if isinstance(value, list) and not isinstance(got, list):
             got = list(got)
-        if algorithm == "OnlineDPO" and name in ("batch_size", "val_batch_size"):
+        if algorithm in ("OnlineDPO", "XPO") and name in ("batch_size", "val_batch_size"):
             value = 2 * value  # TRL's Online DPO counts prompts, the data module completions
         assert got == value, f"{algorithm}Config.{config_field.name}={value!r} reached {where}.{name} as {got!r}"
 
