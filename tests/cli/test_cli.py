@@ -29,7 +29,7 @@ def _fast(tmp_path: Path, steps: int = 2) -> list[str]:
 
 def test_every_algorithm_has_a_tiny_and_a_hub_config():
     algos = {p.parent.name for p in TINY}
-    assert {"sft", "reward", "dpo", "orpo", "cpo", "kto", "bco", "prm", "grpo", "rloo", "online_dpo"} <= algos
+    assert {"sft", "reward", "dpo", "orpo", "cpo", "kto", "bco", "prm", "grpo", "rloo", "online_dpo", "xpo"} <= algos
     for algo in algos:
         hub = CONFIGS / algo / "qwen2.5-0.5b.yaml"
         assert hub.is_file(), hub
