@@ -132,7 +132,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, help="rows of each kind (default 100000, or 1000 with --smoke)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--smoke", action="store_true", help="a quick run: fewer rows")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return []
-    rows = 1000 if args.smoke else args.rows
+    rows = args.rows if args.rows is not None else 1000 if args.smoke else 100_000
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = Path(tmp)

@@ -67,7 +67,7 @@ def run_one(algo: str, strategy: str, out: Path, accelerator: str) -> dict[str, 
                                         max_length=64)
     trainer = Trainer(accelerator=accelerator, devices=1, strategy=build_strategy(strategy), max_steps=3,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Losses()])
+                      num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[Losses()])
     trainer.fit(module, data)
     return {"losses": Losses.losses, "strategy_class": type(trainer.strategy).__name__}
 
@@ -140,4 +140,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    # a run that failed makes the whole check fail (device_check.sh records the exit status of each stage)
+    sys.exit(1 if any("error" in record for record in main()) else 0)
