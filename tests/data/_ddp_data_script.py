@@ -1,7 +1,8 @@
 """Data on several processes (DDP, gloo, CPU), for ``test_distributed_data.py``; each rank writes ``OUT.rank<r>.json``.
 
     python _ddp_data_script.py precompute OUT --devices 2 --cache DIR
-        DPO with precompute_ref_log_probs: the rows each rank scored and the reference log-probs it ends up with.
+        DPO with precompute_ref_log_probs: the rows each rank tokenized and scored, and the reference log-probs it
+        ends up with.
     python _ddp_data_script.py stream OUT --devices 2 --rows 30 [--bad 17]
         one epoch of SFT on a stream of numbered text rows: the rows of every batch each rank trained on.
 """
@@ -45,14 +46,25 @@ class CountingDPO(DPOModule):
         return super()._score_reference(batch)
 
 
+class CountingPreferenceData(PreferenceDataModule):
+    """Counts the rows this process tokenizes (a process that loads the prepared cache tokenizes none)."""
+
+    encoded = 0
+
+    def _encode_rows(self, batch, indices, *args, **kwargs):
+        CountingPreferenceData.encoded += len(indices)
+        return super()._encode_rows(batch, indices, *args, **kwargs)
+
+
 def precompute(out: str, devices: int, cache: str) -> None:
     module = CountingDPO("tiny-llama", precompute_ref_log_probs=True, precompute_ref_batch_size=4)
-    data = PreferenceDataModule("sample:preference", batch_size=4, max_length=64, cache_dir=cache)
+    data = CountingPreferenceData("sample:preference", batch_size=4, max_length=64, cache_dir=cache)
     run = trainer(devices, max_steps=1)
     run.fit(module, data)
     dataset = data.train_dataset
     with open(f"{out}.rank{run.global_rank}.json", "w") as handle:
         json.dump({"rank": run.global_rank, "scored": CountingDPO.scored, "rows": len(dataset),
+                   "encoded": CountingPreferenceData.encoded,
                    "chosen": dataset["ref_chosen_logps"][:], "rejected": dataset["ref_rejected_logps"][:]}, handle)
 
 

@@ -30,7 +30,8 @@ def ranks(tmp_path: Path, out: str, world_size: int) -> list[dict]:
 
 
 def test_reference_precompute_is_sharded_gathered_and_cached(tmp_path):
-    """2 processes give the log-probs of 1 process; each row is scored once in all; a second run loads the cache."""
+    """2 processes give the log-probs of 1 process; rank 0 prepares the rows and rank 1 loads them from the cache;
+    each row is scored once in all; a second run loads both caches."""
     run_script(tmp_path, "precompute", "one", "--devices", "1", "--cache", str(tmp_path / "cache1"))
     run_script(tmp_path, "precompute", "two", "--devices", "2", "--cache", str(tmp_path / "cache2"))
     (one,) = ranks(tmp_path, "one", 1)
@@ -38,6 +39,8 @@ def test_reference_precompute_is_sharded_gathered_and_cached(tmp_path):
     n = one["rows"]
     assert one["scored"] == n > 100
     assert sum(rank["scored"] for rank in two) == n and all(rank["scored"] > 0 for rank in two)
+    # prepare_data tokenizes on rank 0 (a cold cache); rank 1 loads what it wrote
+    assert two[0]["encoded"] >= n and two[1]["encoded"] == 0
     for rank in two:
         assert rank["chosen"] == pytest.approx(one["chosen"], abs=1e-5)
         assert rank["rejected"] == pytest.approx(one["rejected"], abs=1e-5)
@@ -46,6 +49,7 @@ def test_reference_precompute_is_sharded_gathered_and_cached(tmp_path):
     run_script(tmp_path, "precompute", "again", "--devices", "2", "--cache", str(tmp_path / "cache2"))
     again = ranks(tmp_path, "again", 2)
     assert [rank["scored"] for rank in again] == [0, 0]
+    assert [rank["encoded"] for rank in again] == [0, 0]
     for rank in again:
         assert rank["chosen"] == two[0]["chosen"] and rank["rejected"] == two[0]["rejected"]
 
