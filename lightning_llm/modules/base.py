@@ -796,10 +796,18 @@ class LLMModule(L.LightningModule):
     def _fused_adamw_applies(self, params: list[Tensor]) -> bool:
         """Whether the default AdamW runs fused (one kernel over all parameters, what the HF Trainer behind TRL uses
         by default, CPU included): plain float tensors on one CPU or CUDA device; not for DTensors (FSDP2) or
-        DeepSpeed, which bring their own parameter handling."""
+        DeepSpeed, which bring their own parameter handling, nor under ``16-mixed``/``bf16-mixed`` with
+        ``gradient_clip_val`` (Lightning cannot clip a fused optimizer's gradients there)."""
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
         if strategy == "DeepSpeedStrategy":
             return False
+        if self._trainer is not None and self.trainer.gradient_clip_val:
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            if isinstance(self.trainer.precision_plugin, MixedPrecision):
+                # Lightning's AMP plugin refuses to clip the gradients of an optimizer that unscales them itself
+                # (fused), even under bf16-mixed where nothing is scaled
+                return False
         if any(is_dtensor(p) or hasattr(p, "ds_id") for p in params):
             return False
         devices = {p.device.type for p in params}

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from helpers import IGNORE, quiet_trainer, sample_rows, sgd
-from lightning import Callback
+from lightning import Callback, Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_llm.data.sft import SFTDataModule
@@ -398,3 +398,15 @@ def test_predict_completes_each_prompt_in_order(tok, tmp_path):
 def test_settings_that_would_fail_at_fit_fail_at_construction(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SFTModule("tiny-llama", **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_default_adamw_is_fused_unless_lightning_must_clip_it_under_amp(precision):
+    """Fused AdamW by default; under mixed precision with gradient clipping, Lightning's AMP plugin refuses to clip a
+    fused optimizer's gradients (RuntimeError at the first step), so the module falls back to the unfused one."""
+    module = SFTModule("tiny-llama", learning_rate=1e-3)
+    trainer = Trainer(max_steps=2, precision=precision, gradient_clip_val=1.0, accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, SFTDataModule("sample:messages", batch_size=4, max_length=64))
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is (precision == "32-true")
