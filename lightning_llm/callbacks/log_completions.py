@@ -161,7 +161,7 @@ class LogCompletionsCallback(L.Callback):
         step = trainer.global_step
         if self.logs_rollouts(pl_module):
             buffer = getattr(pl_module, "_buffer", None)
-            generation = buffer.generation if buffer is not None else None
+            generation = buffer.generation if buffer is not None else getattr(pl_module, "rollout_generation", None)
             if generation is None or generation == self._last_generation:
                 return
             if self.every_n_steps is not None and step % self.every_n_steps:
