@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "RLOOModule": "lightning_llm.modules.rloo",
     "OnlineDPOModule": "lightning_llm.modules.online_dpo",
     "XPOModule": "lightning_llm.modules.xpo",
+    "PPOModule": "lightning_llm.modules.ppo",
+    "NashMDModule": "lightning_llm.modules.nash_md",
     # data
     "SFTDataModule": "lightning_llm.data.sft",
     "PreferenceDataModule": "lightning_llm.data.preference",

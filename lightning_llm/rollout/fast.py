@@ -19,6 +19,9 @@ torch ops over the model's own parameters, with a preallocated KV cache of its o
 cost of HF's ``forward`` is mostly Python (module calls, mask building, cache objects), which this removes; the
 tokens and log-probs are those of the HF path (the logits agree to float rounding). ``lean=False`` turns it off.
 
+Given a :class:`~lightning_llm.rollout.mixture.GeometricMixture` instead of a model, it samples from the mixture
+of its two models: both run side by side, one KV cache each, and their logits are mixed at every step.
+
 Not for sharded models (FSDP, ZeRO-3, tensor parallel): use :class:`~lightning_llm.rollout.hf.HFGenerateEngine`.
 """
 
@@ -46,6 +49,7 @@ from lightning_llm.rollout.base import (
     model_device,
 )
 from lightning_llm.rollout.lean import LeanDecoder, lean_unsupported_reason
+from lightning_llm.rollout.mixture import GeometricMixture
 from lightning_llm.rollout.sampling import mark_present_, process_logits, select_tokens, token_presence
 
 CACHE_KINDS = ("dynamic", "static")
@@ -115,6 +119,7 @@ class FastDecodeEngine(RolloutEngine):
         self.stop_check_interval = stop_check_interval
         self.cache_length_multiple = cache_length_multiple
         self._static: tuple[tuple[Any, ...], Any] | None = None  # (key, StaticCache) kept between calls
+        self._static_reference: tuple[tuple[Any, ...], Any] | None = None  # the same for a mixture's reference
         self._compiled: Callable[..., Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------------ choices
@@ -146,20 +151,25 @@ class FastDecodeEngine(RolloutEngine):
                  generator: torch.Generator | None = None, prompts: Sequence[Any] | None = None) -> Rollouts:
         prompts = check_prompts(prompt_ids)
         eos = check_special_ids(eos_token_ids, pad_token_id)
-        hf_model = unwrap_model(model)
         _check_single_device(model)
+        mixture = model if isinstance(model, GeometricMixture) else None
+        hf_model = unwrap_model(model.policy if mixture is not None else model)
         device = model_device(hf_model)
         seed = call_seed(generator)
         rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         with eval_mode(model), torch.no_grad():
-            batch = self._decode(hf_model, prompts, settings, eos, pad_token_id, rng, device)
+            batch = self._decode(hf_model, prompts, settings, eos, pad_token_id, rng, device, mixture)
         return _to_rollouts(batch)
 
     def _decode(self, model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, eos: list[int],
-                pad_token_id: int, rng: torch.Generator | None, device: torch.device) -> _Batch:
-        """Prefill the left-padded prompts, then feed one token per step until every row has ended."""
+                pad_token_id: int, rng: torch.Generator | None, device: torch.device,
+                mixture: GeometricMixture | None = None) -> _Batch:
+        """Prefill the left-padded prompts, then feed one token per step until every row has ended (from the
+        geometric mixture of ``mixture``'s two models when given: ``model`` is then its unwrapped policy)."""
         new_tokens = settings.max_completion_length
-        lean = self._lean_on(model, device)
+        reference = unwrap_model(mixture.reference) if mixture is not None else None
+        # both models of a mixture take the same path: the masks they are fed are built for one
+        lean = self._lean_on(model, device) and (reference is None or self._lean_on(reference, device))
         static = not lean and self._static_cache_on(device)
         input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
         rows, prompt_width = input_ids.shape
@@ -167,13 +177,11 @@ class FastDecodeEngine(RolloutEngine):
         if static:
             slots = -(-slots // self.cache_length_multiple) * self.cache_length_multiple
         batch = _allocate(input_ids, prompt_mask, slots, new_tokens, pad_token_id)
-        step: _Step | _LeanStep
-        if lean:
-            step = _LeanStep(LeanDecoder(model))
-        else:
-            cache = self._static_cache(model, rows, slots, device) if static else _dynamic_cache(model)
-            compiled = self._compiled_step(device) if static and self._compile_on(device) else None
-            step = _Step(model, cache, compiled)
+        step: _Step | _LeanStep | _MixtureStep = self._make_step(model, rows, slots, device, lean, static)
+        if mixture is not None:
+            with mixture.as_reference():
+                reference_step = self._make_step(reference, rows, slots, device, lean, static, slot="reference")
+            step = _MixtureStep(step, reference_step, mixture)
         eos_ids = torch.tensor(eos, device=device)
         presence = None
         if settings.repetition_penalty != 1.0:
@@ -199,24 +207,38 @@ class FastDecodeEngine(RolloutEngine):
                 break
         return batch
 
+    def _make_step(self, model: nn.Module, rows: int, slots: int, device: torch.device, lean: bool, static: bool,
+                   slot: str = "policy") -> _Step | _LeanStep:
+        if lean:
+            return _LeanStep(LeanDecoder(model))
+        if not static:
+            return _Step(model, _dynamic_cache(model), None)
+        cache = self._static_cache(model, rows, slots, device, slot)
+        return _Step(model, cache, self._compiled_step(device) if self._compile_on(device) else None)
+
     def release(self) -> None:
-        """Drop the static cache kept between calls (its memory is freed once nothing else holds it)."""
+        """Drop the static caches kept between calls (their memory is freed once nothing else holds them)."""
         self._static = None
+        self._static_reference = None
 
     # ----------------------------------------------------------------------------------------------- the cache
-    def _static_cache(self, model: nn.Module, rows: int, slots: int, device: torch.device) -> Any:
+    def _static_cache(self, model: nn.Module, rows: int, slots: int, device: torch.device,
+                      slot: str = "policy") -> Any:
         """A ``StaticCache`` for ``rows`` x ``slots``, reused (reset) when the last call had the same shape, so that
-        the compiled step keeps its CUDA graphs (they hold the cache's addresses)."""
+        the compiled step keeps its CUDA graphs (they hold the cache's addresses). A mixture's reference keeps its
+        own (``slot="reference"``)."""
         from transformers import StaticCache
 
+        attribute = "_static" if slot == "policy" else "_static_reference"
+        kept = getattr(self, attribute)
         key = (id(model), rows, slots, next(model.parameters()).dtype, device)
-        if self._static is not None and self._static[0] == key:
-            cache = self._static[1]
+        if kept is not None and kept[0] == key:
+            cache = kept[1]
             cache.reset()
             return cache
-        self._static = None  # free the previous cache before allocating a new one
+        setattr(self, attribute, None)  # free the previous cache before allocating a new one
         cache = StaticCache(config=model.config, max_cache_len=slots)
-        self._static = (key, cache)
+        setattr(self, attribute, (key, cache))
         return cache
 
     def _compiled_step(self, device: torch.device) -> Callable[..., Tensor]:
@@ -311,6 +333,28 @@ class _LeanStep:
 
     def decode(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, slot: int) -> Tensor:
         return self.decoder.decode(tokens, positions[:, None], attention_mask, slot)
+
+
+class _MixtureStep:
+    """Two steps side by side, one KV cache each: the policy's and the reference's next-token logits, mixed by a
+    :class:`~lightning_llm.rollout.mixture.GeometricMixture` into the log-probs sampled from."""
+
+    def __init__(self, policy: _Step | _LeanStep, reference: _Step | _LeanStep, mixture: GeometricMixture) -> None:
+        self.policy = policy
+        self.reference = reference
+        self.mixture = mixture
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        policy_logits = self.policy.prefill(input_ids, attention_mask, prompt_width)
+        with self.mixture.as_reference():
+            reference_logits = self.reference.prefill(input_ids, attention_mask, prompt_width)
+        return self.mixture.mix(policy_logits, reference_logits)
+
+    def decode(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, slot: int) -> Tensor:
+        policy_logits = self.policy.decode(tokens, positions, attention_mask, slot)
+        with self.mixture.as_reference():
+            reference_logits = self.reference.decode(tokens, positions, attention_mask, slot)
+        return self.mixture.mix(policy_logits, reference_logits)
 
 
 def _prompt_positions(prompt_mask: Tensor) -> Tensor:

@@ -24,6 +24,10 @@ What happens under each strategy (every rank calls :meth:`HFGenerateEngine.gener
   (``summon_full_params``). This case is not run by the test-suite (FSDP1 needs CUDA); TRL's variant, which
   summons only the root unit's parameters (``summon_full_params(root, recurse=False)``) and lets each nested unit
   gather its own in its forward, can be selected with ``gather=``.
+
+Given a :class:`~lightning_llm.rollout.mixture.GeometricMixture` instead of a model, ``generate`` runs on a wrapper
+whose forward calls both models on the whole sequence so far and returns their mixed log-probs: no KV cache (as TRL
+1.13's ``GeometricMixtureWrapper``), so each step recomputes the prefix; the fast engine keeps one cache per model.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from lightning_llm.rollout.base import (
     model_device,
     seeded,
 )
+from lightning_llm.rollout.mixture import GeometricMixture
 
 #: ``generate`` arguments set to their neutral value so that a model's own ``generation_config`` (hub models often
 #: ship top-k, top-p, temperature or minimum lengths) cannot change the distribution the settings describe
@@ -127,13 +132,16 @@ class HFGenerateEngine(RolloutEngine):
         eos = check_special_ids(eos_token_ids, pad_token_id)
         seed = call_seed(generator)
         synced = default_synced_gpus() if self.synced_gpus is None else self.synced_gpus
+        mixture = isinstance(model, GeometricMixture)
         with self.gathered(model):
-            hf_model = unwrap_model(model)
+            hf_model = unwrap_model(model.policy if mixture else model)
             device = model_device(hf_model)
+            if mixture:  # both models behind generate's interface, without a KV cache (see rollout.mixture)
+                hf_model = model.for_generate(hf_model, unwrap_model(model.reference))
             input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
             kwargs = {
                 **generation_kwargs(settings, getattr(hf_model, "generation_config", None)),
-                "eos_token_id": eos, "pad_token_id": pad_token_id, "synced_gpus": synced, "use_cache": True,
+                "eos_token_id": eos, "pad_token_id": pad_token_id, "synced_gpus": synced, "use_cache": not mixture,
                 "return_dict_in_generate": True, "output_scores": self.return_logprobs,
                 **self.generate_kwargs,
             }

@@ -152,6 +152,27 @@ def online_dpo_accumulate(out: str):
     return module, data, []
 
 
+@case("nash_md_accumulate", max_steps=8, accumulate=2, every=3)
+def nash_md_accumulate(out: str):
+    """Nash-MD sampling the mixture with the fast engine (two KV caches), two micro-batches per optimizer step: killed
+    mid accumulation after the checkpoint of step 3; list beta and mixture_coef change with the epoch."""
+    module = llm.NashMDModule("tiny-llama", reward_funcs=[letter_share], max_completion_length=12, max_length=64,
+                              learning_rate=1e-2, beta=[0.1, 0.3], mixture_coef=[0.5, 0.25], rollout="fast")
+    data = llm.PromptDataModule(rows("prompt_only", 12), batch_size=4, seed=10)
+    return module, data, []
+
+
+@case("ppo_between_rollouts", max_steps=16, accumulate=1, every=4)
+def ppo_between_rollouts(out: str):
+    """PPO with a separate value model, 2 PPO epochs per rollout (2 optimizer steps each, one LR step): killed at the
+    start of the rollout after the checkpoint of step 8; the value model, the optimizer of both and the schedule come
+    back."""
+    module = llm.PPOModule("tiny-llama", reward_funcs=[letter_share], num_ppo_epochs=2, gradient_accumulation_steps=2,
+                           max_completion_length=12, learning_rate=1e-2, temperature=1.0)
+    data = llm.PromptDataModule(rows("prompt_only", 24), batch_size=4, seed=9)
+    return module, data, []
+
+
 def batch_ids(batch) -> bytes:
     """The token ids a batch holds (for a prompt batch: its prompts and its place in the generation schedule)."""
     if hasattr(batch, "prompt_ids") and batch.prompt_ids is not None:
@@ -224,6 +245,8 @@ def run(name: str, out: str, kill: tuple[int, int] | None, resume: str | None) -
             state[type(callback).__name__] = callback.state_dict()
     if getattr(module, "ref_model", None) is not None:
         state["ref_model"] = module.ref_model.state_dict()
+    if getattr(module, "value_model", None) is not None:
+        state["value_model"] = module.value_model.state_dict()
     if hasattr(module, "running"):
         state["running"] = module.running.state_dict()
     torch.save(state, os.path.join(out, "final.pt"))
