@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_llm.data.batches import PromptBatch, RolloutBatch
 from lightning_llm.judges.base import FAILED
@@ -22,7 +23,6 @@ from lightning_llm.losses.nash_md import (
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.online_dpo import JudgeError, OnlineDPOModule, PairwiseJudgeReward
-from lightning_llm.modules.xpo import _interleave
 from lightning_llm.rewards import RewardBatch
 from lightning_llm.rewards._text import completion_text, conversation_plain_text, is_conversation
 from lightning_llm.rollout import Rollouts
@@ -141,19 +141,7 @@ class NashMDModule(OnlineDPOModule):
     def sample_completions(self, batch: PromptBatch) -> Rollouts:
         """Rows ``2i`` from the policy, rows ``2i + 1`` from the geometric mixture (the same engine and sampling
         settings)."""
-        self.engine.sync_weights(self.model)
-        generator = self._sampling_generator(batch.generation, self.training)
-        prompts = batch.prompts
-
-        def sample(model: nn.Module, rows: slice) -> Rollouts:
-            return self.engine.generate(
-                model, batch.prompt_ids[rows], self.sampling, eos_token_ids=self.eos_token_ids(),
-                pad_token_id=self.pad_token_id, generator=generator,
-                prompts=None if prompts is None else prompts[rows])
-
-        policy = sample(self.model, slice(0, None, 2))
-        mixture = sample(self.mixture(), slice(1, None, 2))
-        return _interleave(policy, mixture)
+        return self.sample_pairs(batch, lambda: contextlib.nullcontext(self.mixture()))
 
     def mixture(self) -> GeometricMixture:
         """The policy's geometric mixture with the reference (the frozen copy, or the policy with its adapters

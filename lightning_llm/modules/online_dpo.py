@@ -3,7 +3,9 @@ or a pairwise judge."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +25,9 @@ from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.online import OnlineModule
 from lightning_llm.rewards import RewardBatch, RewardError, RewardSource
 from lightning_llm.rewards._text import completion_text, conversation_plain_text, is_conversation
+from lightning_llm.rollout import Rollouts
 
-__all__ = ["JudgeError", "OnlineDPOModule", "PairwiseJudgeReward"]
+__all__ = ["JudgeError", "OnlineDPOModule", "PairwiseJudgeReward", "interleave_rollouts"]
 
 
 class JudgeError(RewardError):
@@ -201,6 +204,26 @@ class OnlineDPOModule(OnlineModule):
                              "PromptDataModule with num_generations=2 draws them so)")
         return super().generate_and_score(batch, num_generations, splits)
 
+    def sample_pairs(self, batch: PromptBatch,
+                     second: Callable[[], contextlib.AbstractContextManager[Any]]) -> Rollouts:
+        """Rows ``2i`` sampled from the policy, rows ``2i + 1`` from the model that the context manager ``second()``
+        yields (XPO's reference, Nash-MD's mixture), with the same engine, sampling settings and random stream. The
+        policy samples first, outside that context (which may disable the policy's adapters)."""
+        self.engine.sync_weights(self.model)
+        generator = self._sampling_generator(batch.generation, self.training)
+        prompts = batch.prompts
+
+        def sample(model: Any, rows: slice) -> Rollouts:
+            return self.engine.generate(
+                model, batch.prompt_ids[rows], self.sampling, eos_token_ids=self.eos_token_ids(),
+                pad_token_id=self.pad_token_id, generator=generator,
+                prompts=None if prompts is None else prompts[rows])
+
+        policy = sample(self.model, slice(0, None, 2))
+        with second() as model:
+            other = sample(model, slice(1, None, 2))
+        return interleave_rollouts(policy, other)
+
     def generation_order(self, size: int) -> Tensor:
         """The loader's order: pairs stay together and each micro-batch is the prompts TRL would generate it for."""
         return torch.arange(size)
@@ -283,3 +306,17 @@ class OnlineDPOModule(OnlineModule):
         with the mode."""
         return f"val/{name}" if self.mode == "train" else name
 
+
+
+def interleave_rollouts(first: Rollouts, second: Rollouts) -> Rollouts:
+    """Rows ``first[0], second[0], first[1], second[1], ...`` (log-probs and extra fields where both have them)."""
+    def zip_rows(a: list, b: list) -> list:
+        return [row for pair in zip(a, b) for row in pair]
+
+    logprobs = None
+    if first.logprobs is not None and second.logprobs is not None:
+        logprobs = zip_rows(first.logprobs, second.logprobs)
+    names = set(first.extra_fields or {}) & set(second.extra_fields or {})
+    extra = {name: zip_rows(first.extra_fields[name], second.extra_fields[name]) for name in sorted(names)} or None
+    return Rollouts(completion_ids=zip_rows(first.completion_ids, second.completion_ids), logprobs=logprobs,
+                    extra_fields=extra)

@@ -71,20 +71,7 @@ class XPOModule(OnlineDPOModule):
     # ------------------------------------------------------------------------------------------- generation
     def sample_completions(self, batch: PromptBatch) -> Rollouts:
         """Rows ``2i`` from the policy, rows ``2i + 1`` from the reference (the same engine and sampling settings)."""
-        self.engine.sync_weights(self.model)
-        generator = self._sampling_generator(batch.generation, self.training)
-        prompts = batch.prompts
-
-        def sample(model: nn.Module, rows: slice) -> Rollouts:
-            return self.engine.generate(
-                model, batch.prompt_ids[rows], self.sampling, eos_token_ids=self.eos_token_ids(),
-                pad_token_id=self.pad_token_id, generator=generator,
-                prompts=None if prompts is None else prompts[rows])
-
-        policy = sample(self.model, slice(0, None, 2))
-        with self.reference_for_generation() as reference:
-            ref = sample(reference, slice(1, None, 2))
-        return _interleave(policy, ref)
+        return self.sample_pairs(batch, self.reference_for_generation)
 
     @contextlib.contextmanager
     def reference_for_generation(self) -> Iterator[nn.Module]:
@@ -132,18 +119,4 @@ class XPOModule(OnlineDPOModule):
         self.record_mean(self.eos_metric("ref_contain_eos_token"), eos[1::2])
         self.record("alpha", out.alpha)
         self.record("beta", out.beta)
-
-
-def _interleave(first: Rollouts, second: Rollouts) -> Rollouts:
-    """Rows ``first[0], second[0], first[1], second[1], ...``."""
-    def zip_rows(a: list, b: list) -> list:
-        return [row for pair in zip(a, b) for row in pair]
-
-    logprobs = None
-    if first.logprobs is not None and second.logprobs is not None:
-        logprobs = zip_rows(first.logprobs, second.logprobs)
-    names = set(first.extra_fields or {}) & set(second.extra_fields or {})
-    extra = {name: zip_rows(first.extra_fields[name], second.extra_fields[name]) for name in sorted(names)} or None
-    return Rollouts(completion_ids=zip_rows(first.completion_ids, second.completion_ids), logprobs=logprobs,
-                    extra_fields=extra)
 

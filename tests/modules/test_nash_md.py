@@ -1,7 +1,7 @@
 """NashMDModule as a user meets it: it raises a rule reward on the tiny model, samples every second row from the
 geometric mixture at the epoch's ``mixture_coef``, takes a pairwise judge's probability as the preference, and bad
 arguments or a judge that fails or answers anything but a probability (its -1 included) stop with a named error.
-(Parity: ``tests/parity/test_trl113_nash_md.py`` against TRL 1.13; the loss by hand in
+(Parity: ``tests/parity/test_trl113.py`` against TRL 1.13; the loss by hand in
 ``tests/losses/test_nash_md_losses.py``; the mixture's sampling in ``tests/rollout/test_rollout_mixture.py``.)"""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OnlineDPOModule and XPOModule as a user meets them: they learn a rule reward on the tiny model (Online DPO also a
 pairwise judge's preference), index list ``beta``/``alpha`` by epoch, XPO samples every second row from the
 reference, and bad arguments or a judge that fails or answers anything but 0/1 for a pair (its -1 included) stop
-with a named error. (Parity: ``tests/parity/test_trl_online_dpo.py`` against TRL 1.16, ``test_trl113_xpo.py``
+with a named error. (Parity: ``tests/parity/test_trl_online_dpo.py`` against TRL 1.16, ``test_trl113.py``
 against TRL 1.13; the loss by hand in ``tests/losses/test_online_dpo_losses.py``.)"""
 
 from __future__ import annotations

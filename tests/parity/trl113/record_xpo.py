@@ -1,4 +1,4 @@
-"""Record TRL 1.13.0's XPOTrainer on a fixed tiny setup, for ``tests/parity/test_trl113_xpo.py``.
+"""Record TRL 1.13.0's XPOTrainer on a fixed tiny setup, for ``tests/parity/test_trl113.py``.
 
 TRL dropped XPO after 1.13, so CI (which has TRL 1.16) compares against what this script wrote. To regenerate::
 

@@ -1,11 +1,14 @@
-"""XPOModule against TRL 1.13.0's XPOTrainer (the last TRL with XPO), through the fixture that
-``tests/parity/trl113/record_xpo.py`` recorded (its docstring says how to regenerate it and with which versions).
+"""XPOModule and NashMDModule against TRL 1.13.0's XPOTrainer and NashMDTrainer (the last TRL with either), through
+the fixtures that ``tests/parity/trl113/record_xpo.py`` and ``record_nash_md.py`` recorded (their docstrings say how to
+regenerate them and with which versions).
 
 Both sides train the committed tiny-llama weights for two SGD steps on the same four prompts, with the same fixed
-completions (the policy's and the reference's, replayed here from the fixture) and the same rule reward. Compared at
-both steps: the loss and every metric TRL 1.13 logs (``loss/dpo``, ``loss/xpo``, ``objective/*``, ``rewards/*``,
-``logps/*``, ``val/*_contain_eos_token``, ``alpha``, ``beta``) within 1e-4 relative, and every parameter's gradient
-(norm, sum, projection on a seeded random direction, one whole matrix).
+completions (the policy's and the reference's, or the mixture's for Nash-MD, replayed here from the fixture) and the
+same rule reward. Compared at both steps: the loss and every metric TRL 1.13 logs (XPO: ``loss/dpo``, ``loss/xpo``,
+``objective/*``, ``rewards/*``, ``logps/*``, ``val/*_contain_eos_token``, ``alpha``, ``beta``; Nash-MD: ``loss/score``,
+``loss/kl``, ``objective/entropy``, ``rewards/*``, ``logps/*``, ``val/*_contain_eos_token``, ``beta``,
+``mixture_coef``) within 1e-4 relative, and every parameter's gradient (norm, sum, projection on a seeded random
+direction, one whole matrix). The second step is off the reference, so the KL terms are compared with non-zero values.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from helpers import StepMetrics, constant_lr, quiet_trainer, sample_rows, sgd
 from lightning import Callback
 
 from lightning_llm.data.prompts import PromptDataModule
+from lightning_llm.modules.nash_md import NashMDModule
 from lightning_llm.modules.xpo import XPOModule
 from lightning_llm.rollout import FixedRollouts
 
 HERE = Path(__file__).resolve().parent / "trl113"
-FIXTURE = json.loads((HERE / "xpo.json").read_text())
+#: algorithm -> its module and the KL metric that must be non-zero at the second step
+ALGORITHMS = {"xpo": (XPOModule, "objective/kl"), "nash_md": (NashMDModule, "loss/kl")}
+FIXTURES = {name: json.loads((HERE / f"{name}.json").read_text()) for name in ALGORITHMS}
 NOT_COMPARED = {"grad_norm", "learning_rate", "epoch", "step"}  # Lightning's own bookkeeping
 
 
@@ -37,7 +43,8 @@ def rule_reward(completion_ids, **kwargs):
 
 
 class Replay:
-    """A FixedRollouts callable: XPOModule asks for the policy's completions, then the reference's."""
+    """A FixedRollouts callable: the module asks for the policy's completions, then the reference's (XPO) or the
+    mixture's (Nash-MD)."""
 
     def __init__(self, completions: dict[str, list[int]]) -> None:
         self.completions = completions
@@ -62,19 +69,22 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5)
 
 
-@pytest.mark.parametrize("case", sorted(FIXTURE["cases"]))
-def test_xpo_matches_trl_1_13(case):
-    recorded = FIXTURE["cases"][case]
+@pytest.mark.parametrize(("algorithm", "case"), [(name, case) for name in ALGORITHMS
+                                                   for case in sorted(FIXTURES[name]["cases"])])
+def test_matches_trl_1_13(algorithm, case):
+    module_cls, kl_metric = ALGORITHMS[algorithm]
+    fixture = FIXTURES[algorithm]
+    recorded = fixture["cases"][case]
     settings = recorded["settings"]
-    module = XPOModule(str(HERE / "tiny-llama"), tokenizer="tiny-llama", reward_funcs=[rule_reward],
-                       rollout=FixedRollouts(Replay(recorded["completions"])),
-                       max_completion_length=FIXTURE["max_completion"], optimizer=sgd(FIXTURE["lr"]),
-                       scheduler=constant_lr, **settings)
+    module = module_cls(str(HERE / "tiny-llama"), tokenizer="tiny-llama", reward_funcs=[rule_reward],
+                        rollout=FixedRollouts(Replay(recorded["completions"])),
+                        max_completion_length=fixture["max_completion"], optimizer=sgd(fixture["lr"]),
+                        scheduler=constant_lr, **settings)
     metrics, grab = StepMetrics(), Grab()
     everything = sample_rows("prompt_only")
-    rows = [everything[i] for i in FIXTURE["rows"]]
+    rows = [everything[i] for i in fixture["rows"]]
     quiet_trainer(max_steps=2, callbacks=[metrics, grab]).fit(
-        module, PromptDataModule(rows, batch_size=2 * FIXTURE["prompts"], seed=42))
+        module, PromptDataModule(rows, batch_size=2 * fixture["prompts"], seed=42))
 
     assert len(metrics.logged) == len(recorded["steps"]) == 2
     for step, (ours, theirs) in enumerate(zip(metrics.logged, recorded["steps"]), start=1):
@@ -96,4 +106,4 @@ def test_xpo_matches_trl_1_13(case):
                 error = (g - torch.tensor(expected["full"], dtype=torch.float64)).abs().max().item()
                 assert error <= 1e-4 * g.abs().max().item() + 1e-8, f"step {step}: {name} max error {error}"
     # the second step is off the reference: the comparison is not of zeros
-    assert recorded["steps"][1]["metrics"]["rewards/margins"] != 0 and recorded["steps"][1]["metrics"]["objective/kl"]
+    assert recorded["steps"][1]["metrics"]["rewards/margins"] != 0 and recorded["steps"][1]["metrics"][kl_metric]
