@@ -152,6 +152,16 @@ def online_dpo_accumulate(out: str):
     return module, data, []
 
 
+@case("xpo_accumulate", max_steps=8, accumulate=2, every=3)
+def xpo_accumulate(out: str):
+    """XPO sampling the policy's and the frozen reference's completions, two micro-batches per optimizer step: killed
+    mid accumulation after the checkpoint of step 3; list alpha and beta change with the epoch."""
+    module = llm.XPOModule("tiny-llama", reward_funcs=[letter_share], max_completion_length=12, max_length=64,
+                           learning_rate=1e-2, beta=[0.1, 0.3], alpha=[0.05, 0.1])
+    data = llm.PromptDataModule(rows("prompt_only", 12), batch_size=4, seed=9)
+    return module, data, []
+
+
 @case("nash_md_accumulate", max_steps=8, accumulate=2, every=3)
 def nash_md_accumulate(out: str):
     """Nash-MD sampling the mixture with the fast engine (two KV caches), two micro-batches per optimizer step: killed

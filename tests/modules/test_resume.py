@@ -35,6 +35,7 @@ KILLS = {
     "grpo_mid_generation": ((3, 1), "mid generation batch: the buffer and the sampler position come back"),
     "rloo_mid_generation": ((4, 0), "between the two passes over a generation batch"),
     "online_dpo_accumulate": ((4, 1), "mid gradient accumulation, after the epoch's beta changed"),
+    "xpo_accumulate": ((4, 1), "mid gradient accumulation, after the epoch's alpha and beta changed"),
     "nash_md_accumulate": ((4, 1), "mid gradient accumulation, after the epoch's beta and mixture_coef changed"),
     "ppo_between_rollouts": ((10, 0), "at a rollout after a checkpoint: value model, optimizer and schedule continue"),
 }
