@@ -397,7 +397,8 @@ class PPOTrainer(BaseTrainer):
 
         Successive calls continue one run: the optimizer and learning-rate schedule are built at the first call and
         kept (the schedule spans ``total_episodes`` prompts, else the learning rate stays constant), and
-        ``state.global_step`` and ``state.log_history`` go on from the last ``train()``. The Lightning callbacks run
+        ``state.global_step`` and ``state.log_history`` go on from the last ``train()``. The first call starts a fresh
+        optimizer even after ``train()`` (whose schedule has run its course by then), and the Lightning callbacks run
         under ``train()`` only. ``rows``: the prompts' other columns, for reward functions that read them.
         """
         import torch
