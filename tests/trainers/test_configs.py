@@ -380,3 +380,22 @@ def test_ppo_batches_run_length_and_clipping_are_the_modules(tmp_path):
         trainers.PPOTrainer(args=args, model="tiny-llama", reward_funcs=[reward], data_collator=lambda rows: rows)
     with pytest.raises(ValueError, match=r"train\(\) needs a train_dataset"):
         unclipped.train()
+
+
+class SureJudge(trainers.BasePairwiseJudge):
+    """The policy's completion (the first of each pair) is better with probability 0.7."""
+
+    def judge(self, prompts, completions, shuffle_order=True, return_scores=False):
+        return [0.7 if return_scores else 0] * len(prompts)
+
+
+def test_nash_md_trainer_trains_on_a_judges_probabilities(tmp_path):
+    args = trainers.NashMDConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                 logging_steps=1, max_new_tokens=6, max_length=64, mixture_coef=0.25,
+                                 save_strategy="no", report_to="none", disable_tqdm=True, gradient_checkpointing=False)
+    built = trainers.NashMDTrainer("tiny-llama", judge=SureJudge(), args=args, train_dataset="sample:prompt_only")
+    assert built.datamodule.batch_size == 4 and built.module.mixture_coef == 0.25
+    assert built.train().global_step == 1
+    logged = [entry for entry in built.state.log_history if "rewards/probabilities" in entry]
+    assert [entry["step"] for entry in logged] == [1]
+    assert logged[0]["rewards/probabilities"] == pytest.approx(0.7)
