@@ -503,11 +503,16 @@ class PPOConfig(TrainingConfig):
     Batches as TRL's: a rollout is ``per_device_train_batch_size · gradient_accumulation_steps`` prompts per process
     (the data module's ``batch_size``), cut into ``num_mini_batches`` mini-batches of micro-batches of
     ``per_device_train_batch_size`` (the module's ``gradient_accumulation_steps`` is micro-batches per mini-batch,
-    ``gradient_accumulation_steps / num_mini_batches`` here). ``total_episodes`` (prompts over all processes) sets the
-    run's length when ``max_steps`` is not given; both together are refused. ``max_grad_norm`` and the gradient
-    accumulation are the module's (PPO optimizes by hand), never the ``lightning.Trainer``'s; ``max_grad_norm=0``
-    clips nothing, TRL 1.12's behaviour (its loop never clipped). ``max_length`` (the most tokens of a prompt, kept
-    from its end) is our addition; ``clip_range`` is accepted for ``cliprange``."""
+    ``gradient_accumulation_steps / num_mini_batches`` here), one optimizer step per mini-batch. With
+    ``num_mini_batches > 1`` that is where we differ from TRL 1.12 on purpose: its loop leaves the stepping to
+    accelerate's accumulation counter, which steps only every ``gradient_accumulation_steps`` micro-batches, across
+    mini-batch boundaries (the same numbers only when ``num_mini_batches=1``, TRL's default).
+
+    ``total_episodes`` (prompts over all processes) sets the run's length when ``max_steps`` is not given; both
+    together are refused. ``max_grad_norm`` and the gradient accumulation are the module's (PPO optimizes by hand),
+    never the ``lightning.Trainer``'s; ``max_grad_norm=0`` clips nothing, TRL 1.12's behaviour (its loop never
+    clipped). ``max_length`` (the most tokens of a prompt, kept from its end) is our addition; ``clip_range`` is
+    accepted for ``cliprange``."""
 
     trl_name = "PPOConfig"
     learning_rate: float = module(3e-6)
