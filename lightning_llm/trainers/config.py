@@ -506,7 +506,7 @@ class PPOConfig(TrainingConfig):
     ``gradient_accumulation_steps / num_mini_batches`` here), one optimizer step per mini-batch. With
     ``num_mini_batches > 1`` that is where we differ from TRL 1.12 on purpose: its loop leaves the stepping to
     accelerate's accumulation counter, which steps only every ``gradient_accumulation_steps`` micro-batches, across
-    mini-batch boundaries (the same numbers only when ``num_mini_batches=1``, TRL's default).
+    mini-batch boundaries (the batching is the same when ``num_mini_batches=1``, TRL's default).
 
     ``total_episodes`` (prompts over all processes) sets the run's length when ``max_steps`` is not given; both
     together are refused. ``max_grad_norm`` and the gradient accumulation are the module's (PPO optimizes by hand),
