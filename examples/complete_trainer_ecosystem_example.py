@@ -22,6 +22,10 @@ stage (``<output-dir>/``)  what it shows
 ``rloo``                   ``RLOOModule``, its rollouts logged by ``LogCompletionsCallback``
 ``online_dpo``             ``OnlineDPOModule`` with ``PairRMJudge`` (the reward model) choosing in each pair
 ``xpo``                    ``XPOModule``: the policy's answer against the reference's, an exact-answer reward
+``ppo``                    ``PPOModule`` against the reward model (the value model starts from it); the value
+                           model is exported to ``ppo/hf/value_model``
+``nash_md``                ``NashMDModule``: the policy's answer against the policy/reference mixture's, the
+                           exact-answer reward
 (best of n)                a ``BaseRankJudge`` over the reward model picks the best of four sampled answers;
                            ``peft_module_casting_to_bf16`` on a LoRA copy; ``empty_cache`` between stages
 =========================  ===============================================================================
@@ -46,8 +50,10 @@ from lightning_llm import (
     DPOModule,
     GRPOModule,
     KTOModule,
+    NashMDModule,
     OnlineDPOModule,
     ORPOModule,
+    PPOModule,
     PreferenceDataModule,
     PRMModule,
     PromptDataModule,
@@ -211,6 +217,13 @@ def main() -> None:
         prompts_data(8), 40)
     fit("xpo", XPOModule(sft_dir, reward_funcs=[accuracy_reward], alpha=1e-3, max_length=length, **online),
         prompts_data(8), 40)
+
+    # PPO against the reward model: a rollout of 8 prompts, one PPO pass in two micro-batches per step -------------
+    fit("ppo", PPOModule(sft_dir, reward_model=reward_dir, num_ppo_epochs=1, gradient_accumulation_steps=2,
+                         stop_token="eos", **online), prompts_data(8), 30)
+    # Nash-MD: the policy's answer against one sampled from the geometric mixture of policy and reference ---------
+    fit("nash_md", NashMDModule(sft_dir, reward_funcs=[accuracy_reward], mixture_coef=0.5, max_length=length,
+                                rollout="fast", **online), prompts_data(8), 40)
 
     # Best of four sampled answers, ranked by the reward model ----------------------------------------------------
     samples = [grpo.generate([question] * 4, max_new_tokens=completion, do_sample=True) for question in QUESTIONS]

@@ -1,4 +1,4 @@
-"""SFT, then a reward model, then DPO, written as a TRL script with ``lightning_llm.trainers``.
+"""SFT, then a reward model, then DPO and PPO, written as a TRL script with ``lightning_llm.trainers``.
 
     python examples/trl_style_training_example.py [--model HUB_ID_OR_DIR] [--fast] [--output-dir DIR]
 
@@ -8,12 +8,13 @@ it left in ``<output_dir>/final`` (the facade writes the trained model there in 
 1. SFT on the shipped chat data (``messages`` rows);
 2. a reward model, from the SFT model, on correct-vs-wrong answer pairs (``prompt``/``chosen``/``rejected`` rows);
 3. DPO, from the SFT model, on the same pairs;
-4. the reward model, as a pairwise judge (``PairRMJudge``), compares the SFT and the DPO model's answers.
+4. PPO, from the SFT model, against the reward model of stage 2 (``reward_model="<output_dir>/final"``; the value
+   model starts from it too, the reference is a frozen copy of the SFT model), on the shipped questions, then one
+   ``step(queries)`` by hand, TRL's old ``ppo_trainer.step``;
+5. the reward model, as a pairwise judge (``PairRMJudge``), compares the SFT model's answers with the DPO and the PPO
+   model's.
 
-The classic RLHF pipeline ends with PPO against the reward model; that stage will be added here when ``PPOTrainer``
-lands in ``lightning_llm.trainers`` (the PPO module is not built yet).
-
-Offline by default: a tiny random-init Llama and the datasets shipped in ``lightning_llm/assets``; about a minute on
+Offline by default: a tiny random-init Llama and the datasets shipped in ``lightning_llm/assets``; a minute or two on
 two CPU cores (``--fast``: a few seconds per stage).
 """
 
@@ -27,6 +28,8 @@ from lightning_llm.trainers import (
     DPOConfig,
     DPOTrainer,
     PairRMJudge,
+    PPOConfig,
+    PPOTrainer,
     RewardConfig,
     RewardTrainer,
     SFTConfig,
@@ -40,6 +43,7 @@ def main() -> None:
     # local JSON files, loaded as any TRL script loads its data
     chats = load_dataset("json", data_files=str(sample_path("messages")), split="train")
     pairs = load_dataset("json", data_files=str(sample_path("preference")), split="train")
+    prompts = load_dataset("json", data_files=str(sample_path("prompt_only")), split="train")
     # every run logs each window of logging_steps steps (a run's step count a multiple of it); a tiny model needs no
     # activation recomputation
     common = dict(max_length=args.max_length(), logging_steps=1 if args.fast else 10, gradient_checkpointing=False)
@@ -75,17 +79,33 @@ def main() -> None:
     print(f"DPO at step {last['step']}: reward margin {last['rewards/margins']:+.3f}, "
           f"pair accuracy {last['rewards/accuracies']:.2f}")
 
-    # 4. The reward model judges the SFT and DPO answers ---------------------------------------------------------
+    # 4. PPO, from the SFT model, against the reward model (TRL 1.12's argument order: args first) --------------
+    reward_model = str(out / "reward" / "final")
+    ppo = PPOTrainer(
+        args=PPOConfig(output_dir=str(out / "ppo"), max_steps=args.steps(30), per_device_train_batch_size=4,
+                       gradient_accumulation_steps=2, num_ppo_epochs=1, learning_rate=1e-4, kl_coef=0.05,
+                       clip_range=0.2, response_length=16, stop_token="eos", temperature=1.0, **common),
+        model=sft_model,
+        reward_model=reward_model,
+        train_dataset=prompts,
+    )
+    print("PPO:", ppo.train())
     questions = [row["prompt"] for row in pairs.select(range(8))]
+    stats = ppo.step(questions)  # one more rollout and update, on prompts of our own
+    print(f"PPO step(): reward-model score {stats['objective/scores']:+.3f}, KL {stats['objective/kl']:+.3f}")
+
+    # 5. The reward model judges the SFT answers against the DPO and PPO ones ------------------------------------
     sft_answers = sft.module.generate(questions, max_new_tokens=24)
-    dpo_answers = dpo.module.generate(questions, max_new_tokens=24)
-    judge = PairRMJudge(str(out / "reward" / "final"))
+    judge = PairRMJudge(reward_model)
     texts = [question[-1]["content"] for question in questions]
-    choices = judge.judge(texts, [[s, d] for s, d in zip(sft_answers, dpo_answers)])
-    for text, s, d, choice in zip(texts, sft_answers, dpo_answers, choices):
-        print(f"  {text!r:34} SFT {s!r:34} DPO {d!r:34} -> {'DPO' if choice == 1 else 'SFT'}")
-    print(f"The reward model prefers the DPO answer {sum(c == 1 for c in choices)} times of {len(choices)}.")
-    print(f"Models: {out}/sft/final, {out}/reward/final, {out}/dpo/final; metrics in each stage's metrics.csv.")
+    for name, trained in (("DPO", dpo), ("PPO", ppo)):
+        answers = trained.module.generate(questions, max_new_tokens=24)
+        choices = judge.judge(texts, [[s, a] for s, a in zip(sft_answers, answers)])
+        for text, s, a, choice in zip(texts, sft_answers, answers, choices):
+            print(f"  {text!r:34} SFT {s!r:34} {name} {a!r:34} -> {name if choice == 1 else 'SFT'}")
+        print(f"The reward model prefers the {name} answer {sum(c == 1 for c in choices)} times of {len(choices)}.")
+    print(f"Models: {out}/sft/final, {out}/reward/final, {out}/dpo/final, {out}/ppo/final (value model in "
+          "ppo/final/value_model); metrics in each stage's metrics.csv.")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ _EXPORTS: dict[str, str] = {
     "PairRMJudge": "lightning_llm.judges.pair_rm",
     # TRL-style trainers and configs (lightning_llm.trainers)
     **{f"{name}{kind}": f"lightning_llm.trainers.{module}"
-       for name in ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO", "XPO")
+       for name in ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "PPO", "OnlineDPO",
+                    "XPO", "NashMD")
        for kind, module in (("Trainer", "algorithms"), ("Config", "config"))},
     # utils
     "RunningMoments": "lightning_llm.utils.running_moments",

@@ -7,15 +7,14 @@ One import line serves a TRL script: the trainers and configs, and the project's
 Each trainer is a thin layer over the algorithm's Lightning module and data module and a ``lightning.Trainer``
 (``trainer.module``, ``trainer.datamodule``, ``trainer.trainer``): the numbers are those of the Lightning path.
 Configs carry TRL 1.16's field names and defaults (:mod:`lightning_llm.trainers.config`). Imports are lazy.
-
-PPO and Nash-MD trainers come with their modules; until then they do not exist here.
 """
 
 from __future__ import annotations
 
 from lightning_llm._lazy import lazy_exports
 
-_ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO", "XPO")
+_ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "PPO", "OnlineDPO",
+               "XPO", "NashMD")
 
 _EXPORTS: dict[str, str] = {
     **{f"{name}Trainer": "lightning_llm.trainers.algorithms" for name in _ALGORITHMS},

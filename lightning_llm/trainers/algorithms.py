@@ -15,6 +15,8 @@ trainer              config              module              data
 ``RLOOTrainer``      ``RLOOConfig``      ``RLOOModule``      ``PromptDataModule``
 ``OnlineDPOTrainer`` ``OnlineDPOConfig`` ``OnlineDPOModule`` ``PromptDataModule``
 ``XPOTrainer``       ``XPOConfig``       ``XPOModule``       ``PromptDataModule``
+``NashMDTrainer``    ``NashMDConfig``    ``NashMDModule``    ``PromptDataModule``
+``PPOTrainer``       ``PPOConfig``       ``PPOModule``       ``PromptDataModule``
 ==================== =================== =================== ================================
 """
 
@@ -23,15 +25,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_llm.trainers.base import BaseTrainer
+from lightning_llm.trainers.base import BaseTrainer, process_layout
 from lightning_llm.trainers.config import (
+    DATA,
+    MODULE,
+    TRAINER,
     BCOConfig,
     CPOConfig,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
+    NashMDConfig,
     OnlineDPOConfig,
     ORPOConfig,
+    PPOConfig,
     PRMConfig,
     RewardConfig,
     RLOOConfig,
@@ -290,3 +297,132 @@ class XPOTrainer(OnlineDPOTrainer):
     config_class = XPOConfig
     module_path = "lightning_llm.modules.xpo.XPOModule"
     algorithm = "XPO"
+
+
+class NashMDTrainer(OnlineDPOTrainer):
+    """Nash-MD, TRL 1.13's experimental ``NashMDTrainer(model, ref_model, reward_funcs, args=NashMDConfig(...),
+    train_dataset=...)``: prompt-only rows, one completion from the policy and one from the geometric mixture of
+    policy and reference each; the reward sources' scores, or a pairwise ``judge``'s probability, give the preference;
+    :class:`~lightning_llm.NashMDModule`."""
+
+    config_class = NashMDConfig
+    module_path = "lightning_llm.modules.nash_md.NashMDModule"
+    algorithm = "NashMD"
+
+
+class PPOTrainer(BaseTrainer):
+    """PPO, TRL 1.12's experimental ``PPOTrainer(args, processing_class, model, ref_model, reward_model,
+    train_dataset, value_model=None, ...)`` (the last TRL that had it), keyword arguments as TRL's; prompt-only rows;
+    :class:`~lightning_llm.PPOModule`.
+
+    Everything but ``model`` and a reward has a default: the tokenizer is the model's, the reference a frozen copy of
+    the policy, the value model a copy of the reward model (a one-label sequence classifier: a hub id, a directory such
+    as a ``RewardTrainer``'s ``output_dir/final``, or a model object). ``reward_funcs`` (reward functions on the decoded
+    completions) may replace ``reward_model``, and ``value_head=True`` puts the value head on the policy's backbone;
+    both are our additions. No ``train_dataset`` is needed for :meth:`step`, one rollout and update on given prompts;
+    ``train()`` needs one. At the end of ``train()`` the value model is written beside the policy
+    (``output_dir/final/value_model``).
+    """
+
+    config_class = PPOConfig
+    module_path = "lightning_llm.modules.ppo.PPOModule"
+    datamodule_path = "lightning_llm.data.prompts.PromptDataModule"
+    algorithm = "PPO"
+
+    def __init__(self, args: PPOConfig | None = None, processing_class: Any = None, model: Any = None,
+                 ref_model: Any = None, reward_model: Any = None, train_dataset: Any = None, value_model: Any = None,
+                 data_collator: Any = None, eval_dataset: Any = None, optimizers: Any = (None, None),
+                 callbacks: Any = None, peft_config: Any = None, *, reward_funcs: Any = None, value_head: bool = False,
+                 **unsupported: Any) -> None:
+        import os
+
+        if args is not None and not isinstance(args, PPOConfig) and isinstance(args, (str, os.PathLike)):
+            raise TypeError("PPOTrainer's first argument is args (TRL 1.12's order: args, processing_class, model, "
+                            "ref_model, reward_model, train_dataset, ...): pass the policy as model=")
+        if model is None:
+            raise TypeError("PPOTrainer needs model=: the policy (a hub id, a local directory, a tiny preset or a "
+                            "PreTrainedModel)")
+        arguments: dict[str, Any] = {"ref_model": ref_model, "reward_model": reward_model, "value_model": value_model}
+        if reward_funcs is not None:
+            arguments["reward_funcs"] = reward_funcs
+        if value_head:
+            arguments["value_head"] = True
+        self._arguments = arguments
+        super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                         data_collator=data_collator, optimizers=optimizers, **unsupported)
+
+    def module_arguments(self) -> dict[str, Any]:
+        return dict(self._arguments)
+
+    def routed(self, target: str) -> dict[str, Any]:
+        """As :meth:`BaseTrainer.routed`, with TRL 1.12's batch arithmetic: a rollout of ``per_device_train_batch_size
+        · gradient_accumulation_steps`` prompts, ``gradient_accumulation_steps / num_mini_batches`` micro-batches per
+        mini-batch, and ``total_episodes`` as the Trainer's ``max_steps``."""
+        out = super().routed(target)
+        args = self.args
+        if target == DATA:
+            out["batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        elif target == MODULE:
+            out["gradient_accumulation_steps"] = args.gradient_accumulation_steps // args.num_mini_batches
+            out["max_grad_norm"] = args.max_grad_norm or None
+        elif target == TRAINER and args.total_episodes is not None:
+            out["max_steps"] = self.steps_of_episodes(args.total_episodes)
+            out["max_epochs"] = -1
+        return out
+
+    def steps_of_episodes(self, episodes: int) -> int:
+        """Optimizer steps of a run over ``episodes`` prompts (all processes): whole rollouts, as TRL's
+        ``num_total_batches``, each ``num_ppo_epochs · num_mini_batches`` steps."""
+        import math
+
+        devices, nodes = process_layout()
+        args = self.args
+        rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps * devices * nodes
+        return math.ceil(episodes / rollout) * args.num_ppo_epochs * args.num_mini_batches
+
+    def _gradient_clip_val(self) -> float | None:
+        return None  # PPOModule optimizes by hand and clips to max_grad_norm itself
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> Any:
+        if self.datamodule.train_data is None:
+            raise ValueError("PPOTrainer.train() needs a train_dataset (prompt-only rows); without one, run "
+                             "trainer.step(queries) on prompts of your own")
+        return super().train(resume_from_checkpoint)
+
+    def step(self, queries: Sequence[Any], rows: Sequence[dict] | None = None) -> dict[str, float]:
+        """One rollout and PPO update on ``queries`` (prompt strings or conversations), outside ``train()``; returns
+        the rollout's stats under TRL 1.12's metric names (``objective/kl``, ``objective/scores``,
+        ``policy/approxkl_avg``, ``loss/policy_avg``, ``loss/value_avg``, ...) and ``learning_rate``.
+
+        Successive calls continue one run: the optimizer and learning-rate schedule are built at the first call and
+        kept (the schedule spans ``total_episodes`` prompts, else the learning rate stays constant), and
+        ``state.global_step`` and ``state.log_history`` go on from the last ``train()``. The first call starts a fresh
+        optimizer even after ``train()`` (whose schedule has run its course by then), and the Lightning callbacks run
+        under ``train()`` only. ``rows``: the prompts' other columns, for reward functions that read them.
+        """
+        import torch
+
+        module = self.module
+        module.ensure_model()
+        if not self.args.use_cpu and torch.cuda.is_available() and module.device.type == "cpu":
+            module.to("cuda")
+        stats = module.step(queries, rows)
+        self.state.global_step += module.optimizer_steps_per_rollout
+        self.state.log_history.append({**stats, "step": self.state.global_step})
+        return stats
+
+    @property
+    def ref_model(self) -> Any:
+        """The frozen reference model (None until built)."""
+        return getattr(self.module, "ref_model", None)
+
+    @property
+    def reward_model(self) -> Any:
+        """The frozen reward model (None until built, or with reward functions)."""
+        return self.module.reward_model
+
+    @property
+    def value_model(self) -> Any:
+        """The value model (None until built, or under ``value_head=True``)."""
+        return self.module.value_model

@@ -311,7 +311,7 @@ class BaseTrainer:
             "precision": self._precision(), "default_root_dir": str(self.output_dir), "callbacks": callbacks,
             "logger": self._loggers() if fitting else False, "enable_checkpointing": checkpoint is not None,
             "enable_progress_bar": progress, "enable_model_summary": False, "num_sanity_val_steps": 0,
-            "gradient_clip_val": args.max_grad_norm or None,
+            "gradient_clip_val": self._gradient_clip_val(),
             "max_epochs": -1 if args.max_steps > 0 else int(args.num_train_epochs),
         }
         if devices * nodes > 1:
@@ -324,6 +324,10 @@ class BaseTrainer:
         options.update(args.trainer_kwargs or {})
         self.trainer = L.Trainer(**options)
         return self.trainer
+
+    def _gradient_clip_val(self) -> float | None:
+        """The ``lightning.Trainer``'s ``gradient_clip_val`` (None for the modules that clip themselves)."""
+        return self.args.max_grad_norm or None
 
     # ------------------------------------------------------------------------------------------------- TRL's API
     @property

@@ -43,7 +43,10 @@ HINTS = {
     "load_best_model_at_end": "checkpoints are in output_dir; load the one you want with load_from_checkpoint",
     "logging_strategy": "metrics are logged every logging_steps steps",
     "formatting_func": "turn the rows into a supported format (text, messages, prompt/completion) first",
-    "reward_model_path": "pass the reward model (a hub id or a directory) as reward_funcs=",
+    "reward_model_path": "pass the reward model (a hub id or a directory) to the trainer: reward_funcs= (GRPO, RLOO, "
+                         "Online DPO) or reward_model= (PPO)",
+    "sft_model_path": "pass the policy (a hub id or a directory) as model=",
+    "num_sample_generations": "log sample completions with LogCompletionsCallback",
 }
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
@@ -480,3 +483,72 @@ class XPOConfig(OnlineDPOConfig):
 
     trl_name = "XPOConfig"
     alpha: list | float = module(factory=lambda: [1e-5])
+
+
+@trl_config
+class NashMDConfig(OnlineDPOConfig):
+    """:class:`~lightning_llm.trainers.NashMDTrainer`'s config: TRL 1.13's experimental ``NashMDConfig`` (Nash-MD left
+    TRL afterwards): Online DPO's fields and ``mixture_coef``, a number or a list indexed by epoch. Nash-MD has one
+    loss, so ``loss_type`` keeps Online DPO's ``sigmoid``."""
+
+    trl_name = "NashMDConfig"
+    mixture_coef: list | float = module(factory=lambda: [0.5])
+
+
+@trl_config
+class PPOConfig(TrainingConfig):
+    """:class:`~lightning_llm.trainers.PPOTrainer`'s config: TRL 1.12's experimental ``PPOConfig`` (PPO left TRL
+    afterwards); see :class:`~lightning_llm.PPOModule` for the algorithm.
+
+    Batches as TRL's: a rollout is ``per_device_train_batch_size · gradient_accumulation_steps`` prompts per process
+    (the data module's ``batch_size``), cut into ``num_mini_batches`` mini-batches of micro-batches of
+    ``per_device_train_batch_size`` (the module's ``gradient_accumulation_steps`` is micro-batches per mini-batch,
+    ``gradient_accumulation_steps / num_mini_batches`` here), one optimizer step per mini-batch. With
+    ``num_mini_batches > 1`` that is where we differ from TRL 1.12 on purpose: its loop leaves the stepping to
+    accelerate's accumulation counter, which steps only every ``gradient_accumulation_steps`` micro-batches, across
+    mini-batch boundaries (the batching is the same when ``num_mini_batches=1``, TRL's default).
+
+    ``total_episodes`` (prompts over all processes) sets the run's length when ``max_steps`` is not given; both
+    together are refused. ``max_grad_norm`` and the gradient accumulation are the module's (PPO optimizes by hand),
+    never the ``lightning.Trainer``'s; ``max_grad_norm=0`` clips nothing, TRL 1.12's behaviour (its loop never
+    clipped). ``max_length`` (the most tokens of a prompt, kept from its end) is our addition; ``clip_range`` is
+    accepted for ``cliprange``."""
+
+    trl_name = "PPOConfig"
+    learning_rate: float = module(3e-6)
+    #: the most tokens of a prompt (kept from its end); None = whole prompts (TRL 1.12's PPO has no prompt limit)
+    max_length: int | None = data(None)
+    gradient_accumulation_steps: int = module(1)
+    max_grad_norm: float = module(1.0)
+    num_mini_batches: int = module(1)
+    #: prompts of the run over all processes; None = ``num_train_epochs`` passes over the data (or ``max_steps``)
+    total_episodes: int | None = module(None)
+    local_rollout_forward_batch_size: int = module(64)
+    #: the most tokens of a response
+    response_length: int = module(53, name="max_completion_length")
+    #: ``eos``: cut responses after the first EOS token
+    stop_token: str | None = module(None)
+    stop_token_id: int | None = module(None)
+    temperature: float = module(0.7)
+    missing_eos_penalty: float | None = module(None)
+    num_ppo_epochs: int = module(4)
+    whiten_rewards: bool = module(False)
+    kl_coef: float = module(0.05)
+    #: ``k1`` or ``k3``
+    kl_estimator: str = module("k1")
+    cliprange: float = module(0.2)
+    vf_coef: float = module(0.1)
+    cliprange_value: float = module(0.2)
+    gamma: float = module(1.0)
+    lam: float = module(0.95)
+    ds3_gather_for_generation: bool = module(True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.total_episodes is not None and self.max_steps > 0:
+            raise ValueError(f"{name}: give max_steps or total_episodes, not both")
+        if self.gradient_accumulation_steps % self.num_mini_batches:
+            raise ValueError(f"{name}.gradient_accumulation_steps={self.gradient_accumulation_steps} must be a "
+                             f"multiple of num_mini_batches={self.num_mini_batches}: each mini-batch is a whole number "
+                             "of micro-batches of per_device_train_batch_size prompts")

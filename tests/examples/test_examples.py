@@ -51,7 +51,8 @@ def forkserver():
 def test_every_example_is_tested():
     assert "examples/trl_style_training_example.py" in SCRIPTS
     assert "examples/complete_trainer_ecosystem_example.py" in SCRIPTS
-    algorithms = ("sft", "reward", "dpo", "orpo", "cpo", "kto", "bco", "prm", "grpo", "rloo", "online_dpo", "xpo")
+    algorithms = ("sft", "reward", "dpo", "orpo", "cpo", "kto", "bco", "prm", "grpo", "rloo", "ppo", "online_dpo",
+                  "xpo", "nash_md")
     assert {f"examples/lightning/{name}.py" for name in algorithms} <= set(SCRIPTS)
 
 

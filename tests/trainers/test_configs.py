@@ -17,17 +17,20 @@ from lightning_llm.trainers._trl_fields import TRL_CONFIGS
 from lightning_llm.trainers.base import _import
 from lightning_llm.trainers.config import DATA, FACADE, MODULE, TRAINER, target_of, trl_defaults
 
-ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "OnlineDPO", "XPO")
+ALGORITHMS = ("SFT", "Reward", "DPO", "ORPO", "CPO", "KTO", "BCO", "PRM", "GRPO", "RLOO", "PPO", "OnlineDPO", "XPO",
+              "NashMD")
 DATA_OF = {"SFT": "sample:messages", "Reward": "sample:preference", "DPO": "sample:preference",
            "ORPO": "sample:preference", "CPO": "sample:preference", "KTO": "sample:unpaired_preference",
            "BCO": "sample:unpaired_preference", "PRM": "sample:stepwise", "GRPO": "sample:prompt_only",
            "RLOO": "sample:prompt_only", "OnlineDPO": "sample:prompt_only",
-           "XPO": "sample:prompt_only"}
+           "XPO": "sample:prompt_only", "NashMD": "sample:prompt_only", "PPO": "sample:prompt_only"}
 #: fields of ours that TRL 1.16's config of the same name lacks (this project's additions, or older TRL spellings)
 OUR_ADDITIONS = {"warmup_ratio", "module_kwargs", "trainer_kwargs"}
 ADDITIONS_OF = {"Reward": {"loss_type", "margin"}, "GRPO": {"max_length", "dataset_num_proc"},
                "RLOO": {"max_length", "dataset_num_proc"},
-               "OnlineDPO": {"dataset_num_proc"}, "XPO": {"dataset_num_proc"},
+               "OnlineDPO": {"dataset_num_proc"}, "XPO": {"dataset_num_proc"}, "NashMD": {"dataset_num_proc"},
+               # TRL 1.12's PPOConfig is TrainingArguments' fields and PPO's own (no prompt limit, no loading fields)
+               "PPO": {"max_length", "model_init_kwargs", "trust_remote_code"},
                "PRM": {"model_init_kwargs", "trust_remote_code"},
                # TRL 0.19's BCOConfig predates these (DPO's and KTO's later fields)
                "BCO": {"trust_remote_code", "precompute_ref_batch_size", "sync_ref_model", "ref_model_mixup_alpha",
@@ -60,10 +63,15 @@ VALUES = {
     "importance_sampling_level": "sequence", "multi_objective_aggregation": "normalize_then_sum",
     "scale_rewards": "batch", "top_entropy_quantile": 0.5, "entropy_coef": 0.01, "off_policy_mask_threshold": 0.5,
     "use_bias_correction_kl": False, "normalize_advantages": True, "reward_clip_range": [0.0, 1.0],
-    "max_new_tokens": 24, "missing_eos_penalty": 0.5,
+    "max_new_tokens": 24, "missing_eos_penalty": 0.5, "mixture_coef": 0.3,
+    # PPO's (TRL 1.12)
+    "num_mini_batches": 2, "total_episodes": 40, "local_rollout_forward_batch_size": 3, "response_length": 12,
+    "stop_token": "eos", "stop_token_id": 2, "num_ppo_epochs": 2, "whiten_rewards": True, "kl_coef": 0.1,
+    "kl_estimator": "k3", "cliprange": 0.3, "vf_coef": 0.2, "cliprange_value": 0.4, "gamma": 0.99, "lam": 0.9,
+    "max_grad_norm": 0.5,
 }
 LOSS_TYPES = {"SFT": "dft", "Reward": "ranking", "DPO": ["ipo"], "KTO": "apo_zero_unpaired", "CPO": "simpo",
-              "GRPO": "grpo", "OnlineDPO": "ipo", "XPO": "ipo"}
+              "GRPO": "grpo", "OnlineDPO": "ipo", "XPO": "ipo", "NashMD": "sigmoid"}  # Nash-MD has one loss
 
 
 def reward(completions, **kwargs):
@@ -74,7 +82,9 @@ def build(algorithm: str, tmp_path: Path, **fields):
     config_cls = getattr(trainers, f"{algorithm}Config")
     trainer_cls = getattr(trainers, f"{algorithm}Trainer")
     args = config_cls(output_dir=str(tmp_path / algorithm), **fields)
-    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO", "OnlineDPO", "XPO") else {}
+    if algorithm == "PPO":  # TRL 1.12's order: args first, the policy by keyword
+        return trainer_cls(args=args, model="tiny-llama", reward_funcs=[reward], train_dataset=DATA_OF[algorithm])
+    extra = {"reward_funcs": [reward]} if algorithm in ("GRPO", "RLOO", "OnlineDPO", "XPO", "NashMD") else {}
     return trainer_cls("tiny-llama", args=args, train_dataset=DATA_OF[algorithm], **extra)
 
 
@@ -137,7 +147,9 @@ def test_every_field_reaches_its_target(algorithm, tmp_path):
             "trainer_kwargs", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_strategy",
             "eval_steps", "save_strategy", "save_steps", "save_total_limit", "pad_to_multiple_of",
             "generation_batch_size", "num_train_epochs"}  # the facade's own: test_facade_fields below
-    fields = {f.name: value_of(algorithm, f.name) for f in dataclasses.fields(config_cls) if f.name not in skip}
+    # a field that is the facade's elsewhere but goes to the module here (PPO's max_grad_norm) is checked here
+    fields = {f.name: value_of(algorithm, f.name) for f in dataclasses.fields(config_cls)
+              if f.name not in skip or target_of(f)[0] == MODULE}
     missing = sorted(n for n in fields if n not in VALUES and n != "loss_type")
     assert not missing, f"no test value for {missing}"
     # fields that cannot be set together are checked in a second trainer
@@ -147,8 +159,9 @@ def test_every_field_reaches_its_target(algorithm, tmp_path):
             check_targets(algorithm, config_cls, build(algorithm, tmp_path, **group), group)
 
 
-#: fields that conflict with others of the first build (a synced reference cannot be precomputed)
-SET_APART = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+#: fields that conflict with others of the first build (a synced reference cannot be precomputed; PPO's run length
+#: is max_steps or total_episodes, its stop token stop_token or stop_token_id)
+SET_APART = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "total_episodes", "stop_token_id")
 
 
 def check_targets(algorithm, config_cls, trainer, fields) -> None:
@@ -168,8 +181,12 @@ def check_targets(algorithm, config_cls, trainer, fields) -> None:
             got = trainer.module.tokenizer.chat_template
         if isinstance(value, list) and not isinstance(got, list):
             got = list(got)
-        if algorithm in ("OnlineDPO", "XPO") and name in ("batch_size", "val_batch_size"):
+        if algorithm in ("OnlineDPO", "XPO", "NashMD") and name in ("batch_size", "val_batch_size"):
             value = 2 * value  # TRL's Online DPO counts prompts, the data module completions
+        if algorithm == "PPO" and where == DATA and name == "batch_size":
+            value *= fields.get("gradient_accumulation_steps", 1)  # a rollout: TRL 1.12's local_batch_size
+        if algorithm == "PPO" and where == MODULE and name == "gradient_accumulation_steps":
+            value //= fields.get("num_mini_batches", 1)  # micro-batches per mini-batch
         assert got == value, f"{algorithm}Config.{config_field.name}={value!r} reached {where}.{name} as {got!r}"
 
 
@@ -308,7 +325,8 @@ def test_one_import_line_serves_a_script():
     from lightning_llm.trainers import AllTrueJudge, BEMACallback, DPOConfig, DPOTrainer, HfPairwiseJudge  # noqa: F401
 
     assert lightning_llm.DPOTrainer is DPOTrainer and lightning_llm.GRPOConfig is trainers.GRPOConfig
-    assert not hasattr(trainers, "PPOTrainer")  # until its module exists
+    assert lightning_llm.PPOTrainer is trainers.PPOTrainer and lightning_llm.PPOConfig is trainers.PPOConfig
+    assert lightning_llm.NashMDTrainer is trainers.NashMDTrainer and lightning_llm.NashMDConfig is trainers.NashMDConfig
     assert lightning_llm.OnlineDPOTrainer is trainers.OnlineDPOTrainer
 
 
@@ -331,3 +349,53 @@ def test_online_dpo_trainer_takes_a_judge_and_counts_prompts_per_device(tmp_path
     logged = [entry for entry in built.state.log_history if "rewards/chosen" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
     assert all(entry["beta"] == pytest.approx(0.1) for entry in logged)
+
+
+def test_ppo_batches_run_length_and_clipping_are_the_modules(tmp_path):
+    args = trainers.PPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                              num_mini_batches=2, num_ppo_epochs=3, total_episodes=20, max_grad_norm=0.7,
+                              clip_range=0.25, kl_coef=0.2)
+    built = trainers.PPOTrainer(args=args, model="tiny-llama", reward_funcs=[reward],
+                                train_dataset="sample:prompt_only")
+    lightning = built.lightning_trainer()
+    # PPO optimizes by hand: the Trainer neither clips nor accumulates
+    assert lightning.gradient_clip_val is None and lightning.accumulate_grad_batches == 1
+    assert built.module.max_grad_norm == 0.7 and built.module.gradient_accumulation_steps == 2
+    assert built.datamodule.batch_size == 8  # TRL's local_batch_size: 2 x 4
+    assert built.module.cliprange == 0.25 and built.module.kl_coef == 0.2
+    # 20 episodes / 8 prompts per rollout -> 3 rollouts of 3 epochs x 2 mini-batches
+    assert lightning.max_steps == 18 and lightning.max_epochs == -1 and built.module.total_episodes == 20
+    unclipped = trainers.PPOTrainer(args=trainers.PPOConfig(output_dir=str(tmp_path), max_grad_norm=0.0),
+                                    model="tiny-llama", reward_funcs=[reward])
+    assert unclipped.module.max_grad_norm is None  # TRL 1.12's loop never clipped
+    with pytest.raises(ValueError, match="max_steps or total_episodes, not both"):
+        trainers.PPOConfig(max_steps=4, total_episodes=8)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3 must be a multiple of num_mini_batches=2"):
+        trainers.PPOConfig(gradient_accumulation_steps=3, num_mini_batches=2)
+    with pytest.raises(TypeError, match="first argument is args"):
+        trainers.PPOTrainer("tiny-llama", reward_funcs=[reward])
+    with pytest.raises(TypeError, match="needs model="):
+        trainers.PPOTrainer(args=args, reward_funcs=[reward])
+    with pytest.raises(ValueError, match="data_collator"):
+        trainers.PPOTrainer(args=args, model="tiny-llama", reward_funcs=[reward], data_collator=lambda rows: rows)
+    with pytest.raises(ValueError, match=r"train\(\) needs a train_dataset"):
+        unclipped.train()
+
+
+class SureJudge(trainers.BasePairwiseJudge):
+    """The policy's completion (the first of each pair) is better with probability 0.7."""
+
+    def judge(self, prompts, completions, shuffle_order=True, return_scores=False):
+        return [0.7 if return_scores else 0] * len(prompts)
+
+
+def test_nash_md_trainer_trains_on_a_judges_probabilities(tmp_path):
+    args = trainers.NashMDConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                 logging_steps=1, max_new_tokens=6, max_length=64, mixture_coef=0.25,
+                                 save_strategy="no", report_to="none", disable_tqdm=True, gradient_checkpointing=False)
+    built = trainers.NashMDTrainer("tiny-llama", judge=SureJudge(), args=args, train_dataset="sample:prompt_only")
+    assert built.datamodule.batch_size == 4 and built.module.mixture_coef == 0.25
+    assert built.train().global_step == 1
+    logged = [entry for entry in built.state.log_history if "rewards/probabilities" in entry]
+    assert [entry["step"] for entry in logged] == [1]
+    assert logged[0]["rewards/probabilities"] == pytest.approx(0.7)
