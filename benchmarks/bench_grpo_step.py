@@ -1,5 +1,7 @@
 """Online training steps, generation included, lightning_llm against TRL 1.16, side by side in one run, and the
-memory of each over the run: GRPO (``--algo grpo``, the default) or Online DPO (``--algo online_dpo``).
+memory of each over the run: GRPO (``--algo grpo``, the default), Online DPO (``--algo online_dpo``) or PPO
+(``--algo ppo`` with a separate value model, ``--algo ppo_value_head`` with a value head on the policy; TRL 1.16 has
+no PPO, so ours alone).
 
 Candidates (each in a fresh process, so that its time and memory are its own):
 
@@ -35,6 +37,13 @@ shows.
     python benchmarks/bench_grpo_step.py --smoke        # CPU, a few steps, in-process (CI keeps it working)
     python benchmarks/bench_grpo_step.py --cpu --algo online_dpo   # CPU: 4 prompts x 2, 16 tokens, 40 steps
     python benchmarks/bench_grpo_step.py --algo online_dpo         # GPU: 0.5B shape, bf16, 4 prompts x 2 x 128
+    python benchmarks/bench_grpo_step.py --cpu --algo ppo          # CPU: 8 prompts, 16 tokens, one PPO update each
+    python benchmarks/bench_grpo_step.py --cpu --algo ppo_value_head
+
+- PPO: one rollout of ``prompts_per_step`` prompts and one PPO update (``num_ppo_epochs=1``, ``num_mini_batches=1``:
+  one optimizer step, so a step is a rollout as for the others), the reference a frozen copy of the initial policy,
+  the value model a one-label classifier from the policy's weights or a value head on the policy, lr 3e-6 (TRL
+  1.12's default). The memory columns compare the two value options.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 MIB = 1024**2
-ALGOS = ("grpo", "online_dpo")
+ALGOS = ("grpo", "online_dpo", "ppo", "ppo_value_head")
 CANDIDATES = ("ours_hf", "ours_fast", "trl")
 BASELINE = "trl"
 NEVER = 10_000_000  # an EOS id that no sampled token equals: every completion of ours is new_tokens long
@@ -89,7 +98,7 @@ class Setup:
 
     @classmethod
     def cpu(cls, algo: str = "grpo") -> Setup:
-        prompts, generations = (4, 2) if algo == "online_dpo" else (2, 4)
+        prompts, generations = {"online_dpo": (4, 2), "ppo": (8, 1), "ppo_value_head": (8, 1)}.get(algo, (2, 4))
         return cls(algo=algo, model="tiny-llama", prompts_per_step=prompts, num_generations=generations,
                    new_tokens=16, steps=40, memory_steps=50, threads=1, device="cpu")
 
@@ -230,8 +239,22 @@ def trl_online_dpo(setup: Setup, common: dict[str, Any], callbacks: list) -> Any
                             train_dataset=_dataset(setup), processing_class=_tokenizer(), callbacks=callbacks)
 
 
-#: algorithm -> (our module and its batch size, TRL's trainer)
-BUILDERS = {"grpo": (ours_grpo, trl_grpo), "online_dpo": (ours_online_dpo, trl_online_dpo)}
+def ours_ppo(setup: Setup, rollout: str, tokenizer: Any) -> tuple[Any, int]:
+    """PPOModule (a frozen reference, a separate value model or a value head) and its batch size: one completion per
+    prompt."""
+    from lightning_llm.modules.ppo import PPOModule
+
+    module = full_length(PPOModule)(
+        build_model(setup), tokenizer=tokenizer, reward_funcs=[vowel_reward], rollout=rollout,
+        value_head=setup.algo == "ppo_value_head", max_completion_length=setup.new_tokens, num_ppo_epochs=1,
+        num_mini_batches=1, learning_rate=3e-6,
+    )
+    return module, setup.prompts_per_step
+
+
+#: algorithm -> (our module and its batch size, TRL's trainer; None where TRL 1.16 has none)
+BUILDERS = {"grpo": (ours_grpo, trl_grpo), "online_dpo": (ours_online_dpo, trl_online_dpo),
+            "ppo": (ours_ppo, None), "ppo_value_head": (ours_ppo, None)}
 
 
 def _tokenizer() -> Any:
@@ -296,9 +319,12 @@ def run_trl(name: str, setup: Setup, device: torch.device) -> _Clock:
     return clock
 
 
-def available(name: str) -> str | None:
+def available(name: str, algo: str = "grpo") -> str | None:
     """None when ``name`` can run here, else why not."""
     import importlib.util
+
+    if name == "trl" and BUILDERS[algo][1] is None:
+        return "TRL 1.16 has no PPO"
 
     for package in ("trl", "datasets"):
         if name == "trl" and importlib.util.find_spec(package) is None:
@@ -376,7 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         setup.memory_steps = args.memory_steps
     results = []
     for name in args.candidates:
-        reason = available(name)
+        reason = available(name, setup.algo)
         if reason:
             results.append({"name": name, "skipped": reason})
         else:

@@ -1,5 +1,5 @@
 """The online-step benchmark keeps working: its smoke mode runs ours (both engines) and TRL's trainer on CPU, for
-GRPO (GRPOTrainer) and Online DPO (the experimental OnlineDPOTrainer)."""
+GRPO (GRPOTrainer) and Online DPO (the experimental OnlineDPOTrainer); PPO has ours alone (TRL 1.16 has none)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _load():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "online_dpo"])
+@pytest.mark.parametrize("algo", ["grpo", "online_dpo", "ppo_value_head"])
 def test_smoke_runs_ours_and_trl(tmp_path, algo):
     bench = _load()
     out = tmp_path / f"{algo}.json"
@@ -33,6 +33,9 @@ def test_smoke_runs_ours_and_trl(tmp_path, algo):
     assert record["results"] == results
     assert record["setup"]["algo"] == algo
     assert "vs TRL" in bench.format_table(results)
+    if algo.startswith("ppo"):
+        assert by_name["trl"] == {"name": "trl", "skipped": "TRL 1.16 has no PPO"}
+        assert "error" not in by_name["ours_fast"] and "error" not in by_name["ours_hf"]
 
 
 def test_online_dpo_setups_pair_the_completions():

@@ -27,7 +27,7 @@ NOTEBOOKS = ["notebooks/quickstart.ipynb", "notebooks/coming_from_trl.ipynb"]
 #: imported once in the fork server, not in every example
 PRELOAD = ["torch", "lightning", "transformers", "datasets", "lightning_llm.modules.grpo",
            "lightning_llm.trainers.base"]
-TIMEOUT = 300
+TIMEOUT = 600
 
 
 def _run_as_main(script: str, argv: list[str], cwd: str, log: str) -> None:
