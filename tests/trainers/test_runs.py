@@ -1,7 +1,7 @@
 """TRL-style runs end to end, in child processes: a run SIGKILLed mid-way and resumed with
 ``train(resume_from_checkpoint=True)`` gives the uninterrupted run's losses, log history and final weights; the same
-script under ``torchrun`` on 2 processes gives the 1-process run's first-step loss; ``evaluate``, ``save_model`` and
-the TRL attributes."""
+script under ``torchrun`` or ``accelerate launch`` on 2 processes gives the 1-process run's first-step loss;
+``evaluate``, ``save_model`` and the TRL attributes."""
 
 from __future__ import annotations
 
@@ -55,11 +55,21 @@ def test_a_killed_run_resumes_exactly(tmp_path):
         "checkpoint-2.ckpt", "checkpoint-4.ckpt", "checkpoint-6.ckpt"]
 
 
-def test_the_same_script_runs_under_torchrun(tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    # accelerate's --cpu launches one process unless MPI is set up; --multi_gpu is its torch.distributed launcher, which
+    # runs on CPU (gloo) where there is no GPU
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                   "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_the_same_script_runs_under_torchrun_and_accelerate_launch(tmp_path, launcher):
     one, two = tmp_path / "one", tmp_path / "two"
     run(str(one), "--batch-size", "8", "--rows", "8", "--dropout", "0")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    run(str(two), "--batch-size", "4", "--rows", "8", "--dropout", "0", launcher=torchrun)
+    run(str(two), "--batch-size", "4", "--rows", "8", "--dropout", "0", launcher=LAUNCHERS[launcher])
     first = lambda h: next(e for e in h["log_history"] if "loss" in e)  # noqa: E731
     # each step holds all 8 rows in both runs (8 x 1 process, 4 x 2), no dropout: the same loss over the same tokens
     assert math.isclose(first(history(two))["loss"], first(history(one))["loss"], rel_tol=1e-5)
