@@ -24,7 +24,6 @@ from lightning_llm.models.peft import disabled_adapters, is_peft_model
 from lightning_llm.modules.base import ModelArg, TokenizerArg
 from lightning_llm.modules.online_dpo import JudgeError, OnlineDPOModule, PairwiseJudgeReward
 from lightning_llm.rewards import RewardBatch
-from lightning_llm.rewards._text import completion_text, conversation_plain_text, is_conversation
 from lightning_llm.rollout import Rollouts
 from lightning_llm.rollout.mixture import GeometricMixture
 
@@ -41,19 +40,7 @@ class PairwiseJudgeProbability(PairwiseJudgeReward):
     """
 
     def score(self, batch: RewardBatch) -> list[float]:
-        prompts = [conversation_plain_text(p) if is_conversation(p) else p for p in batch.prompts]
-        completions = [completion_text(c) for c in batch.completions]
-        if len(prompts) % 2 or prompts[0::2] != prompts[1::2]:
-            raise JudgeError(f"{self.describe()} needs the two completions of each prompt in consecutive rows")
-        pairs = [[first, second] for first, second in zip(completions[0::2], completions[1::2])]
-        try:
-            answers = self.judge.judge(prompts[0::2], pairs, return_scores=True)
-        except Exception as error:
-            raise JudgeError(f"{self.describe()} raised {type(error).__name__}: {error} (judging {len(pairs)} "
-                             "pairs)") from error
-        if isinstance(answers, (str, bytes)) or not hasattr(answers, "__len__") or len(answers) != len(pairs):
-            raise JudgeError(f"{self.describe()} answered {answers!r} for {len(pairs)} pairs; expected a list of "
-                             f"{len(pairs)} probabilities in [0, 1]")
+        prompts, answers = self.judge_pairs(batch, "probabilities in [0, 1]", return_scores=True)
         scores: list[float] = []
         for index, answer in enumerate(answers):
             valid = isinstance(answer, numbers.Real) and not isinstance(answer, bool)

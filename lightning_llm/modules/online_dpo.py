@@ -51,20 +51,26 @@ class PairwiseJudgeReward(RewardSource):
         self.judge = judge
         self.name = type(judge).__name__
 
-    def score(self, batch: RewardBatch) -> list[float]:
+    def judge_pairs(self, batch: RewardBatch, expected: str, **judge_kwargs: Any) -> tuple[list[str], list[Any]]:
+        """The prompts as the judge reads them (one per row) and the judge's answers for the pairs of rows ``2i``,
+        ``2i + 1``: one per pair, else a :class:`JudgeError` that says the ``expected`` answers."""
         prompts = [conversation_plain_text(p) if is_conversation(p) else p for p in batch.prompts]
         completions = [completion_text(c) for c in batch.completions]
         if len(prompts) % 2 or prompts[0::2] != prompts[1::2]:
             raise JudgeError(f"{self.describe()} needs the two completions of each prompt in consecutive rows")
         pairs = [[first, second] for first, second in zip(completions[0::2], completions[1::2])]
         try:
-            choices = self.judge.judge(prompts[0::2], pairs)
+            answers = self.judge.judge(prompts[0::2], pairs, **judge_kwargs)
         except Exception as error:
             raise JudgeError(f"{self.describe()} raised {type(error).__name__}: {error} (judging {len(pairs)} "
                              "pairs)") from error
-        if isinstance(choices, (str, bytes)) or not hasattr(choices, "__len__") or len(choices) != len(pairs):
-            raise JudgeError(f"{self.describe()} answered {choices!r} for {len(pairs)} pairs; expected a list of "
-                             f"{len(pairs)} indices, 0 or 1 each")
+        if isinstance(answers, (str, bytes)) or not hasattr(answers, "__len__") or len(answers) != len(pairs):
+            raise JudgeError(f"{self.describe()} answered {answers!r} for {len(pairs)} pairs; expected a list of "
+                             f"{len(pairs)} {expected}")
+        return prompts, list(answers)
+
+    def score(self, batch: RewardBatch) -> list[float]:
+        prompts, choices = self.judge_pairs(batch, "indices, 0 or 1 each")
         scores: list[float] = []
         for index, choice in enumerate(choices):
             if isinstance(choice, bool) or not isinstance(choice, numbers.Integral) or choice not in (0, 1):
