@@ -74,7 +74,9 @@ def test_the_fast_engines_distribution_equals_the_formula(models):
         z_policy = policy(input_ids=ids, position_ids=positions).logits[0, -1].float()
         z_reference = reference(input_ids=ids, position_ids=positions).logits[0, -1].float()
     expected = torch.log_softmax(coef * z_reference + (1 - coef) * z_policy, dim=-1)
-    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
+    # the lean forward equals HF's to float32 rounding (1e-5 on logits, tests/rollout/test_rollout_lean.py); log-probs
+    # near -8 have a float32 spacing of about 1e-6
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-5)
     assert torch.exp(mixed).sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
