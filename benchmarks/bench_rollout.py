@@ -10,6 +10,8 @@ Candidates (one model, loaded once, shared by all):
 - ``engine_fast``: :class:`~lightning_llm.rollout.FastDecodeEngine` with its defaults (CPU: the lean forward of
   ``rollout/lean.py`` for Llama-family models, else a dynamic cache and eager HF forward; CUDA: static cache,
   ``torch.compile``-d decode step with CUDA graphs);
+- ``engine_fast_multinomial``: ``FastDecodeEngine(sampler="multinomial")``: tokens drawn with ``torch.multinomial``
+  as ``generate`` does (what ``engine_fast`` did before its inverse-CDF draw);
 - ``engine_fast_nolean``: ``FastDecodeEngine(lean=False)`` (CPU: the HF forward with a dynamic cache, eager steps;
   what ``engine_fast`` was before the lean forward);
 - ``engine_fast_static``: ``FastDecodeEngine(cache="static", compile=False)`` (static cache, eager steps);
@@ -47,8 +49,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 MIB = 1024**2
-CANDIDATES = ("hf_generate", "hf_generate_static", "engine_hf", "engine_fast", "engine_fast_nolean",
-              "engine_fast_static", "engine_fast_compiled")
+CANDIDATES = ("hf_generate", "hf_generate_static", "engine_hf", "engine_fast", "engine_fast_multinomial",
+              "engine_fast_nolean", "engine_fast_static", "engine_fast_compiled")
 BASELINE = "hf_generate"
 PAD = 0
 
@@ -125,6 +127,7 @@ def _generator(name: str, setup: Setup, model: torch.nn.Module) -> Callable[[lis
     engine = {
         "engine_hf": lambda: HFGenerateEngine(),
         "engine_fast": lambda: FastDecodeEngine(),
+        "engine_fast_multinomial": lambda: FastDecodeEngine(sampler="multinomial"),
         "engine_fast_nolean": lambda: FastDecodeEngine(lean=False),
         "engine_fast_static": lambda: FastDecodeEngine(cache="static", compile=False),
         "engine_fast_compiled": lambda: FastDecodeEngine(cache="static", compile=True),

@@ -50,7 +50,14 @@ from lightning_llm.rollout.base import (
 )
 from lightning_llm.rollout.lean import LeanDecoder, lean_unsupported_reason
 from lightning_llm.rollout.mixture import GeometricMixture
-from lightning_llm.rollout.sampling import mark_present_, process_logits, select_tokens, token_presence
+from lightning_llm.rollout.sampling import (
+    SAMPLERS,
+    draw_by_inverse_cdf,
+    mark_present_,
+    process_logits,
+    select_tokens,
+    token_presence,
+)
 
 CACHE_KINDS = ("dynamic", "static")
 
@@ -89,13 +96,17 @@ class FastDecodeEngine(RolloutEngine):
             :func:`~lightning_llm.rollout.lean.supports_lean` is True for the model (else the HF forward, silently);
             True = always, and a ``ValueError`` naming the model class where it is not supported; False = off.
             ``cache`` and ``compile`` concern the HF forward, so ``lean=True`` excludes them.
+        sampler: how a token is drawn from the processed distribution (the distribution is the same either way):
+            ``"inverse_cdf"`` (one uniform number per row against the cumulative probabilities; the cheaper one) or
+            ``"multinomial"`` (``torch.multinomial``, as ``generate``: for the same generator, the tokens
+            :class:`~lightning_llm.rollout.hf.HFGenerateEngine` draws). Greedy decoding takes the argmax either way.
     """
 
     name = "fast"
 
     def __init__(self, *, cache: str | None = None, compile: bool | None = None, compile_mode: str | None = None,
                  stop_check_interval: int | None = None, cache_length_multiple: int = 64,
-                 lean: bool | None = None) -> None:
+                 lean: bool | None = None, sampler: str = "inverse_cdf") -> None:
         if cache is not None and cache not in CACHE_KINDS:
             raise ValueError(f"FastDecodeEngine cache must be one of {CACHE_KINDS} or None, got {cache!r}")
         if compile and cache == "dynamic":
@@ -112,8 +123,11 @@ class FastDecodeEngine(RolloutEngine):
         if lean and (cache is not None or compile):
             raise ValueError("FastDecodeEngine lean=True runs its own KV cache and eager steps; leave cache and "
                              "compile unset (they choose the HF forward's cache and compilation)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"FastDecodeEngine sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.cache = cache
         self.compile = compile
+        self.sampler = sampler
         self.lean = lean
         self.compile_mode = compile_mode
         self.stop_check_interval = stop_check_interval
@@ -198,7 +212,8 @@ class FastDecodeEngine(RolloutEngine):
                 batch.attention_mask[:, slot] = 1
                 mask = batch.attention_mask if static else batch.attention_mask[:, : slot + 1]
                 logits = step.decode(batch.next_input, batch.prompt_lengths + (position - 1), mask, slot)
-            token = _sample_step(logits, settings, presence, rng, batch, position, eos_ids, pad_token_id)
+            token = _sample_step(logits, settings, presence, rng, batch, position, eos_ids, pad_token_id,
+                                 self.sampler)
             if presence is not None:
                 mark_present_(presence, token)
             if (position + 1) % interval == 0 and bool(batch.finished.all()):
@@ -267,12 +282,17 @@ def _allocate(input_ids: Tensor, prompt_mask: Tensor, slots: int, new_tokens: in
 
 
 def _sample_step(logits: Tensor, settings: SamplingSettings, presence: Tensor | None, rng: torch.Generator | None,
-                 batch: _Batch, position: int, eos_ids: Tensor, pad_token_id: int) -> Tensor:
+                 batch: _Batch, position: int, eos_ids: Tensor, pad_token_id: int, sampler: str) -> Tensor:
     """Choose the token at ``position`` of every row, record it and its log-prob; returns the tokens ``[B]``."""
     scores = process_logits(logits, settings, presence)  # [B, V] float32
-    token = select_tokens(scores, settings.do_sample, rng)
-    # log_softmax at one entry per row: the normaliser is a reduction, no [B, V] tensor is written
-    logprob = scores.gather(1, token[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
+    if settings.do_sample and sampler == "inverse_cdf":
+        logprobs = torch.log_softmax(scores, dim=-1)
+        token = draw_by_inverse_cdf(logprobs, rng)
+        logprob = logprobs.gather(1, token[:, None])[:, 0]
+    else:
+        token = select_tokens(scores, settings.do_sample, rng)
+        # log_softmax at one entry per row: the normaliser is a reduction, no [B, V] tensor is written
+        logprob = scores.gather(1, token[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
     # finished rows are fed padding, as generate does (their tokens are discarded)
     token = token.masked_fill(batch.finished, pad_token_id)
     batch.tokens[:, position] = token

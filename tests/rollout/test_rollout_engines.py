@@ -13,6 +13,7 @@ NEVER = 10_000  # an id outside the vocabulary: EOS never occurs
 ENGINES = {
     "hf": lambda: HFGenerateEngine(return_logprobs=True),
     "fast": lambda: FastDecodeEngine(),
+    "fast_multinomial": lambda: FastDecodeEngine(sampler="multinomial"),
     "fast_static": lambda: FastDecodeEngine(cache="static"),
 }
 
@@ -146,14 +147,21 @@ def test_logprobs_are_the_processed_logprobs_of_a_fresh_forward(model, name):
             assert logprobs[step] == pytest.approx(float(expected), abs=1e-4), (name, step)
 
 
-def test_the_same_generator_gives_both_engines_the_same_samples(model):
-    """Both engines turn the generator into the same random stream, and compute the same probabilities."""
+def test_the_multinomial_sampler_draws_generates_tokens_for_the_same_generator(model):
+    """With ``sampler="multinomial"`` both engines turn the generator into the same random stream and compute the
+    same probabilities, so they draw the same tokens."""
     hf = generate(ENGINES["hf"](), model, LONG_SAMPLING, seed=3)
-    fast = generate(ENGINES["fast"](), model, LONG_SAMPLING, seed=3)
+    fast = generate(ENGINES["fast_multinomial"](), model, LONG_SAMPLING, seed=3)
     assert fast.completion_ids == hf.completion_ids
-    again = generate(ENGINES["fast"](), model, LONG_SAMPLING, seed=3)
-    other = generate(ENGINES["fast"](), model, LONG_SAMPLING, seed=4)
-    assert again.completion_ids == fast.completion_ids and other.completion_ids != fast.completion_ids
+
+
+@pytest.mark.parametrize("name", ["fast", "fast_multinomial"])
+def test_one_generator_seed_gives_the_same_samples_again(model, name):
+    first = generate(ENGINES[name](), model, LONG_SAMPLING, seed=3)
+    again = generate(ENGINES[name](), model, LONG_SAMPLING, seed=3)
+    other = generate(ENGINES[name](), model, LONG_SAMPLING, seed=4)
+    assert again.completion_ids == first.completion_ids and other.completion_ids != first.completion_ids
+    assert again.logprobs == first.logprobs
 
 
 def test_hf_engine_overrides_the_models_generation_defaults(model):
@@ -165,7 +173,7 @@ def test_hf_engine_overrides_the_models_generation_defaults(model):
                                      typical_p=0.5, no_repeat_ngram_size=1, min_new_tokens=5)
     settings = SamplingSettings(max_completion_length=10, temperature=0.9, repetition_penalty=1.1)  # min_p None
     hf = generate(ENGINES["hf"](), shipped, settings, seed=8)
-    fast = generate(ENGINES["fast"](), model, settings, seed=8)
+    fast = generate(ENGINES["fast_multinomial"](), model, settings, seed=8)
     assert hf.completion_ids == fast.completion_ids
 
 
@@ -218,6 +226,8 @@ def test_engine_arguments_are_checked_by_name(model):
         FastDecodeEngine(cache="dynamic", compile=True)
     with pytest.raises(ValueError, match="stop_check_interval"):
         FastDecodeEngine(stop_check_interval=0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        FastDecodeEngine(sampler="gumbel")
     for engine in (HFGenerateEngine(), FastDecodeEngine()):
         with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
             engine.generate(model, [[1], []], SamplingSettings(), eos_token_ids=[EOS], pad_token_id=PAD)

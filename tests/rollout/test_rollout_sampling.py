@@ -11,6 +11,7 @@ from lightning_llm.rollout.sampling import (
     mark_present_,
     process_logits,
     processed_logprobs,
+    draw_by_inverse_cdf,
     select_tokens,
     token_presence,
 )
@@ -128,6 +129,43 @@ def test_token_selection_is_argmax_or_a_draw_from_the_scores():
     assert (draws[:, 0] != 2).all()  # a filtered token is never drawn
     frequency = (draws[:, 0] == 1).float().mean().item()
     assert frequency == pytest.approx(torch.tensor([0.0, 5.0]).softmax(0)[1].item(), abs=0.02)
+
+
+def test_the_inverse_cdf_draws_follow_the_distribution():
+    """200k draws per row against the probabilities, with filtered tokens (-inf), among them the first and the last
+    ones, never drawn; a row with one token left always draws it."""
+    logits = torch.tensor([
+        [float("-inf"), 2.0, 0.5, float("-inf"), -1.0, 1.0, float("-inf")],
+        [0.0, float("-inf"), float("-inf"), float("-inf"), float("-inf"), float("-inf"), float("-inf")],
+        [-3.0, 0.0, 1.5, 0.2, -0.7, 0.9, 2.2],
+    ])
+    logprobs = torch.log_softmax(logits, dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    draws = draw_by_inverse_cdf(logprobs.repeat_interleave(200_000, dim=0), generator).view(3, -1)
+    for row in range(3):
+        counts = torch.bincount(draws[row], minlength=logits.shape[1]).double()
+        probs = logprobs[row].double().exp()
+        assert (counts[probs == 0] == 0).all()
+        expected = probs * draws.shape[1]
+        kept = probs > 0
+        chi_square = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+        # 5 degrees of freedom at most: P(chi2 > 25) < 2e-4
+        assert chi_square < 25, (row, counts.tolist(), expected.tolist())
+    assert (draws[1] == 0).all()
+    # the check has power: the draws of row 2 do not pass for row 0's probabilities shifted by one token
+    shifted = logprobs[2].roll(1).double().exp() * draws.shape[1]
+    counts = torch.bincount(draws[2], minlength=7).double()
+    assert float(((counts - shifted) ** 2 / shifted).sum()) > 1000
+
+
+def test_the_inverse_cdf_draw_at_the_ends_of_the_unit_interval(monkeypatch):
+    """u = 0 takes the first token of positive probability; a product that rounds onto the whole mass takes the last
+    one (never a filtered token after it)."""
+    logprobs = torch.log_softmax(torch.tensor([[float("-inf"), 0.0, 1.0, float("-inf")]]), dim=-1)
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.zeros(1, 1, dtype=torch.float64))
+    assert draw_by_inverse_cdf(logprobs).tolist() == [1]
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1, 1, dtype=torch.float64))
+    assert draw_by_inverse_cdf(logprobs).tolist() == [2]
 
 
 def test_repetition_penalty_without_presence_is_an_error():
