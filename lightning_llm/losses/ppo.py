@@ -93,30 +93,42 @@ WHITEN_EPSILON = 1e-8
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None, *,
+                sum_across: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``Σ m x / Σ m`` over the positions where ``mask`` is set, over everything or along ``dim``.
 
     As TRL's ``masked_mean``; an empty mask gives NaN (``0 / 0``). Masked-out values never enter, not even as NaN.
+    ``sum_across`` (with ``dim=None``) sums a tensor over the processes that share the batch, so that the mean is
+    over the whole batch of every process; None: this process's values are the whole batch.
     """
     _check_same_shape("mask", mask, "values", values)
     mask = mask.bool()
     kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if dim is None:
+        if sum_across is not None:
+            total, count = sum_across(torch.stack([kept.sum(), mask.sum().to(kept.dtype)])).unbind()
+            return total / count
         return kept.sum() / mask.sum()
+    if sum_across is not None:
+        raise ValueError("masked_mean: sum_across applies to the mean over everything (dim=None)")
     return kept.sum(dim=dim) / mask.sum(dim=dim)
 
 
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True, *,
+               sum_across: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Variance of the masked values about their masked mean, Bessel-corrected (``· n / (n - 1)``) when ``unbiased``.
 
     As TRL's ``masked_var`` (``masked_mean((x - masked_mean(x))²) · n / (n - 1)``, ``n = Σ m``). TRL raises for
     ``n = 0`` and returns NaN for ``n = 1`` (``0 · 1/0``), which then turns every whitened value into NaN; here both
     raise, since one value has no sample variance (a deliberate deviation on an input TRL cannot train on).
+    ``sum_across``: as in :func:`masked_mean` (the mean, the variance and ``n`` are then those of every process).
     """
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask, sum_across=sum_across)
+    variance = masked_mean((values - mean) ** 2, mask, sum_across=sum_across)
     if unbiased:
         count = mask.bool().sum()
+        if sum_across is not None:
+            count = sum_across(count)
         if count < 2:
             raise ValueError(
                 f"The unbiased masked variance needs at least two unmasked values; got {int(count)}. In PPO this "
@@ -127,13 +139,17 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return variance
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, *,
+                  sum_across: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``(x - μ) / sqrt(σ² + 1e-8)`` with the masked mean ``μ`` and unbiased masked variance ``σ²``.
 
     With ``shift_mean=False`` the mean is added back: ``(x - μ) / sqrt(σ² + 1e-8) + μ`` (scale only), TRL's choice for
     rewards. Every position is transformed, masked or not (TRL zero-fills afterwards where it needs to).
+    ``sum_across``: as in :func:`masked_mean`: ``μ`` and ``σ²`` of the batch of every process (TRL whitens each
+    process's batch alone; with one process the two are the same).
     """
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    mean = masked_mean(values, mask, sum_across=sum_across)
+    variance = masked_var(values, mask, sum_across=sum_across)
     whitened = (values - mean) * torch.rsqrt(variance + WHITEN_EPSILON)
     if not shift_mean:
         whitened = whitened + mean
@@ -310,6 +326,7 @@ def ppo_rewards(
     missing_eos_penalty: float | None = None,
     contains_eos: Tensor | None = None,
     whiten_rewards: bool = WHITEN_REWARDS,
+    sum_across: Callable[[Tensor], Tensor] | None = None,
 ) -> PPORewards:
     """Per-token PPO rewards: a KL penalty on every response token, the reward model's score at the end.
 
@@ -331,6 +348,8 @@ def ppo_rewards(
         missing_eos_penalty: subtracted from the score of completions without EOS; ``None``: off.
         contains_eos: ``[B]`` bool, required with ``missing_eos_penalty``.
         whiten_rewards: TRL default False.
+        sum_across: sums a tensor over the processes sharing the batch, for whitening over all of them (see
+            :func:`masked_whiten`); None: this process's batch alone.
     """
     if not kl_coef >= 0:
         raise ValueError(f"`kl_coef` must be >= 0; got {kl_coef}.")
@@ -349,7 +368,8 @@ def ppo_rewards(
     rewards[torch.arange(rewards.shape[0], device=rewards.device), score_at] += scores
     if whiten_rewards:
         value_mask = ppo_value_mask(mask)
-        rewards = masked_whiten(rewards, value_mask, shift_mean=False).masked_fill(~value_mask, 0.0)
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False, sum_across=sum_across)
+        rewards = rewards.masked_fill(~value_mask, 0.0)
     sequence_entropy = -_masked_row_sum(_upcast(logprobs).to(dtype), mask)
     return PPORewards(rewards, kl, non_score_rewards, scores, sequence_entropy)
 
@@ -381,6 +401,7 @@ def gae_advantages(
     gamma: float = GAMMA,
     lam: float = LAM,
     whiten_advantages: bool = True,
+    sum_across: Callable[[Tensor], Tensor] | None = None,
 ) -> GAEOutput:
     """Generalized Advantage Estimation (Schulman et al., 2016, https://huggingface.co/papers/1506.02438, Eq. 16).
 
@@ -399,6 +420,8 @@ def gae_advantages(
         gamma: discount ``γ`` in ``[0, 1]`` (TRL default 1.0).
         lam: GAE ``λ`` in ``[0, 1]`` (TRL default 0.95).
         whiten_advantages: TRL always whitens; False returns the raw ``Â`` (still 0 outside ``m``).
+        sum_across: sums a tensor over the processes sharing the batch, for whitening over all of them (see
+            :func:`masked_whiten`); None: this process's batch alone.
     """
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= value <= 1.0:
@@ -421,7 +444,7 @@ def gae_advantages(
     advantages = torch.stack(reversed_advantages[::-1], dim=1)
     returns = advantages + values
     if whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_across=sum_across)
     advantages = advantages.masked_fill(~mask.bool(), 0.0)
     return GAEOutput(advantages, returns, values)
 

@@ -107,8 +107,10 @@ class PPOModule(OnlineModule):
     online base on the decoded completion) are computed; completions without EOS lose ``missing_eos_penalty``. The
     per-token reward is ``-kl_coef · KL`` (``kl_estimator`` k1 or k3) plus the score after the last response token,
     optionally whitened; GAE (``gamma``, ``lam``) gives advantages, whitened over the rollout, and the value targets
-    (:mod:`lightning_llm.losses.ppo`). As in TRL, each process whitens its own rollout, so under DDP the update depends
-    on the number of processes, not only on the global batch. Then ``num_ppo_epochs`` times: the rollout is shuffled and
+    (:mod:`lightning_llm.losses.ppo`). The whitening is over the rollouts of every process (TRL whitens each process's
+    own, so there its update depends on the number of processes; with one process the two agree): with micro-batches
+    that hold the same number of response tokens on every process, as TRL's per-micro-batch token means need, several
+    processes make the update one process makes on the global batch. Then ``num_ppo_epochs`` times: the rollout is shuffled and
     cut into ``num_mini_batches`` mini-batches, each of ``gradient_accumulation_steps`` micro-batches whose loss
     ``policy_loss + vf_coef · value_loss`` (clipped with ``cliprange`` and ``cliprange_value``) is backpropagated, then
     the gradient is clipped to ``max_grad_norm`` and the optimizer steps once. The policy and the value model (or value
@@ -501,8 +503,10 @@ class PPOModule(OnlineModule):
         contains_eos = (kept == self.tokenizer.eos_token_id).any(dim=1)
         rewards = ppo_rewards(logprobs, ref_logprobs, scores, mask, kl_coef=self.kl_coef,
                               kl_estimator=self.kl_estimator, missing_eos_penalty=self.missing_eos_penalty,
-                              contains_eos=contains_eos, whiten_rewards=self.whiten_rewards)
-        gae = gae_advantages(rewards.rewards, values, mask, gamma=self.gamma, lam=self.lam)
+                              contains_eos=contains_eos, whiten_rewards=self.whiten_rewards,
+                              sum_across=self._sum_over_processes)
+        gae = gae_advantages(rewards.rewards, values, mask, gamma=self.gamma, lam=self.lam,
+                             sum_across=self._sum_over_processes)
         metrics = rewards.metrics()
         metrics["val/num_eos_tokens"] = (responses == self.tokenizer.eos_token_id).sum().float()
         self._remember(batch, kept, mask, rewards.scores)

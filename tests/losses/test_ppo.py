@@ -93,6 +93,63 @@ def test_masked_whiten_by_hand():
     torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), t64([[e + 2.0 for e in expected]]))
 
 
+def run_as_processes(fn, *shares):
+    """``fn(share, sum_across)`` on each share in its own thread, with ``sum_across`` summing a tensor over the
+    threads (an all-reduce of two simulated processes); returns each thread's result."""
+    import threading
+
+    barrier = threading.Barrier(len(shares))
+    slots: list = [None] * len(shares)
+    results: list = [None] * len(shares)
+
+    def worker(rank: int) -> None:
+        def sum_across(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()  # every thread has read the slots before any writes them again
+            return total
+
+        results[rank] = fn(shares[rank], sum_across)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(len(shares))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_whitening_over_processes_equals_whitening_the_whole_batch():
+    """Each process whitening its own rows with the statistics of every process's rows gives the whitening of the
+    concatenated batch, for rewards (scaled, not shifted) and GAE advantages; without ``sum_across`` a process's
+    result is that of its own rows alone (TRL's behaviour), which differs."""
+    generator = torch.Generator().manual_seed(3)
+    lengths, width = [3, 5, 1, 4, 2, 5], 6
+    mask = prefix_mask(lengths, width)
+    logprobs, ref_logprobs = (torch.randn(6, width, generator=generator, dtype=F64) for _ in range(2))
+    scores, values = torch.randn(6, generator=generator, dtype=F64), torch.randn(6, width, generator=generator,
+                                                                                 dtype=F64)
+    whole = masked_whiten(logprobs, mask)
+    halves = run_as_processes(lambda rows, sum_across: masked_whiten(logprobs[rows], mask[rows],
+                                                                      sum_across=sum_across),
+                              slice(0, 2), slice(2, 6))
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=1e-12, atol=1e-12)
+    assert (masked_whiten(logprobs[:2], mask[:2]) - whole[:2]).abs().max() > 1e-2
+
+    def rollout(rows, sum_across=None):
+        rewards = ppo_rewards(logprobs[rows], ref_logprobs[rows], scores[rows], mask[rows], whiten_rewards=True,
+                              sum_across=sum_across)
+        gae = gae_advantages(rewards.rewards, values[rows], mask[rows], sum_across=sum_across)
+        return torch.cat([rewards.rewards, gae.advantages, gae.returns], dim=1)
+
+    split = run_as_processes(rollout, slice(0, 3), slice(3, 6))
+    torch.testing.assert_close(torch.cat(split), rollout(slice(0, 6)), rtol=1e-12, atol=1e-12)
+    assert (rollout(slice(0, 3)) - split[0]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(logprobs, mask, dim=1, sum_across=lambda tensor: tensor)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Response processing
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""A short SFT, DPO, GRPO or RLOO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of each
-step and exports the model.
+"""A short SFT, DPO, GRPO, RLOO or PPO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of
+each step (PPO: of each rollout) and exports the model.
 
-    python _strategy_script.py ALGO STRATEGY OUT      # ALGO: sft | dpo | grpo | rloo; STRATEGY: single | ddp | fsdp2
+    python _strategy_script.py ALGO STRATEGY OUT   # ALGO: sft | dpo | grpo | rloo | ppo; STRATEGY: single | ddp | fsdp2
 
 The global batch is 8 examples in every case (8 on one process, 4 on each of two), in order, so the runs compare
 step by step.
@@ -29,6 +29,8 @@ from lightning_llm.models.sharding import is_sharded_fsdp2
 from lightning_llm.rollout import FixedRollouts
 
 STEPS = 3
+PPO_EPOCHS = 2  # optimizer steps per PPO rollout: PPO runs PPO_EPOCHS * STEPS optimizer steps, STEPS rollouts
+PPO_COMPLETION = 6
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import MAX_FIXED_COMPLETION, fixed_completion, id_reward  # noqa: E402
 
@@ -61,6 +63,12 @@ def split_group_completions(prompt_ids):
     return out
 
 
+def same_length_completions(prompt_ids):
+    """Completions of exactly ``PPO_COMPLETION`` tokens, none of them EOS, a function of the prompt: every process's
+    micro-batch then holds the same number of response tokens (PPO's token means are per micro-batch, as TRL's)."""
+    return [[(sum(ids) * 7 + 13 * j) % 700 + 3 for j in range(PPO_COMPLETION)] for ids in prompt_ids]
+
+
 def strategy(name: str):
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -84,6 +92,12 @@ def run(algo: str, strategy_name: str, out: str) -> None:
         module = llm.DPOModule("tiny-llama", beta=0.5, **common)
         data = llm.PreferenceDataModule(load_rows("sample:preference")[:24], batch_size=per_rank, shuffle=False,
                                         max_length=64)
+    elif algo == "ppo":
+        # one rollout of 8 prompts per training step (4 per process), two PPO epochs of one mini-batch each
+        module = llm.PPOModule("tiny-llama", reward_funcs=[id_reward], rollout=FixedRollouts(same_length_completions),
+                               num_ppo_epochs=PPO_EPOCHS, num_mini_batches=1, max_completion_length=PPO_COMPLETION,
+                               kl_coef=0.1, whiten_rewards=True, **common)
+        data = llm.PromptDataModule(load_rows("sample:prompt_only")[:24], batch_size=per_rank, shuffle=False)
     else:
         # 8 fixed completions per step (GRPO: 1 prompt x 8, its group split across the two processes; RLOO: 4 x 2),
         # each generation batch used for two steps (the second one off-policy)
@@ -93,7 +107,8 @@ def run(algo: str, strategy_name: str, out: str) -> None:
                      beta=0.04, **common)
         data = llm.PromptDataModule(load_rows("sample:prompt_only")[:24], batch_size=per_rank, shuffle=False)
     losses = Losses()
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy(strategy_name), max_steps=STEPS,
+    max_steps = STEPS * (PPO_EPOCHS if algo == "ppo" else 1)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy(strategy_name), max_steps=max_steps,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[losses])
     trainer.fit(module, data)

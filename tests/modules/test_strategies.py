@@ -1,7 +1,9 @@
-"""SFT, DPO, GRPO and RLOO (fixed rollouts) on 2 CPU processes (gloo) under DDP and FSDP2 (``ModelParallelStrategy``)
-give the 1-process run: the same loss at each step (within 1e-5 relative), the same token counts, and the same
-exported weights (within 1e-4; FSDP2's shards are gathered into the Hugging Face export). For GRPO a prompt's eight
-completions are split across the two processes, so the rewards must be gathered before the group statistics."""
+"""SFT, DPO, GRPO, RLOO and PPO (fixed rollouts) on 2 CPU processes (gloo) under DDP and FSDP2
+(``ModelParallelStrategy``) give the 1-process run: the same loss at each step (within 1e-5 relative), the same token
+counts, and the same exported weights (within 1e-4; FSDP2's shards are gathered into the Hugging Face export). For
+GRPO a prompt's eight completions are split across the two processes, so the rewards must be gathered before the
+group statistics; PPO (manual optimization, two optimizer steps per rollout, the value model beside the policy)
+whitens its rewards and advantages over the rollouts of both processes."""
 
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ def run(tmp_path: Path, algo: str, strategy: str) -> dict:
     from safetensors.torch import load_file
 
     result["weights"] = load_file(out / "hf" / "model.safetensors")
+    value = out / "hf" / "value_model" / "model.safetensors"
+    result["value_weights"] = load_file(value) if value.exists() else None
     return result
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "rloo"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "rloo", "ppo"])
 def test_two_processes_under_ddp_and_fsdp2_match_one(tmp_path, algo):
     one = run(tmp_path, algo, "single")
     assert one["world_size"] == 1 and len(one["losses"]) == 3
@@ -49,6 +53,9 @@ def test_two_processes_under_ddp_and_fsdp2_match_one(tmp_path, algo):
         assert two["weights"].keys() == one["weights"].keys()
         for name, value in one["weights"].items():
             torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=1e-4, msg=name)
+        assert (two["value_weights"] is None) is (one["value_weights"] is None) is (algo != "ppo")
+        for name, value in (one["value_weights"] or {}).items():
+            torch.testing.assert_close(two["value_weights"][name], value, rtol=0, atol=1e-4, msg=f"value {name}")
     # the comparison is of trained weights: three SGD steps moved them
     from lightning_llm.models import tiny_model
 
