@@ -16,7 +16,7 @@ Every rank must run these helpers together, in the same order: each gather is a 
 from __future__ import annotations
 
 import types
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -61,6 +61,24 @@ def write_full(param: Tensor, value: Tensor) -> None:
         param.data.copy_(value.to(param.device, param.dtype))
 
 
+#: what :func:`strategy_kind` returns for the strategies that shard or own the parameters
+SHARDING_KINDS = ("fsdp1", "fsdp2", "deepspeed")
+
+
+def strategy_kind(trainer: Any) -> str:
+    """``"fsdp1"`` (Lightning's ``FSDPStrategy``), ``"fsdp2"`` (``ModelParallelStrategy``), ``"deepspeed"``
+    (``DeepSpeedStrategy``), or ``""`` for any other strategy or no trainer; subclasses count as their base."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:
+        return ""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    for kind, cls in (("fsdp1", FSDPStrategy), ("fsdp2", ModelParallelStrategy), ("deepspeed", DeepSpeedStrategy)):
+        if isinstance(strategy, cls):
+            return kind
+    return ""
+
+
 def fsdp1_root(trainer: Any) -> nn.Module | None:
     """The FSDP1 module that Lightning's ``FSDPStrategy`` wrapped around the LightningModule, else ``None``.
 
@@ -69,6 +87,27 @@ def fsdp1_root(trainer: Any) -> nn.Module | None:
     """
     wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
     return wrapped if _is_fsdp1(wrapped) else None
+
+
+def fsdp1_generation_context(root: nn.Module | None) -> AbstractContextManager[Any]:
+    """The context in which a model inside the FSDP1 ``root`` can run ``generate`` (``synced_gpus`` on).
+
+    ``generate`` calls the inner model, never the root's forward, so the root unit's own parameters (typically
+    embeddings, final norm, head) must be full, while each nested unit (a decoder layer) gathers its own in its
+    forward. Inside the root's forward (a ``training_step`` or ``validation_step`` under Lightning's
+    ``FSDPStrategy``, which runs in the wrapped module's forward) the root's parameters are already full, and FSDP
+    forbids summoning there: nothing to do. Outside it (a callback, a script) they are summoned, the root unit's only,
+    as TRL does for FSDP1; summoning every unit (``recurse=True``) breaks, since the nested units' forwards reshard
+    inside the summon. ``root=None``: nothing to do.
+    """
+    if root is None:
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    if getattr(root, "training_state", TrainingState.IDLE) != TrainingState.IDLE:
+        return nullcontext()  # inside the root's forward: its parameters are unsharded already
+    return FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)
 
 
 def _is_fsdp1(module: Any) -> bool:

@@ -31,12 +31,15 @@ from lightning_llm.models.parts import causal_lm_parts, unwrap_model
 from lightning_llm.models.peft import apply_peft, check_peft_config, is_peft_model, peft_config_dict
 from lightning_llm.models.presets import is_preset
 from lightning_llm.models.sharding import (
+    SHARDING_KINDS,
+    fsdp1_generation_context,
     fsdp1_root,
     full_state_dict,
     is_dtensor,
     is_sharded_fsdp2,
     run_in_forward,
     shard_fsdp2,
+    strategy_kind,
 )
 from lightning_llm.ops import TokenLogProbs, TokenLoss, linear_logprobs, linear_token_loss
 from lightning_llm.ops.logprobs import parse_tiles, resolve_impl
@@ -634,8 +637,7 @@ class LLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------- token-mean losses
     def _normalise_over_step(self) -> bool:
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        return self.average_tokens_across_steps and not strategy.startswith("DeepSpeed")
+        return self.average_tokens_across_steps and strategy_kind(self._trainer) != "deepspeed"
 
     def step_token_mean(self, loss_sum: Tensor, num_tokens: Tensor) -> Tensor:
         """The loss to backpropagate for a micro-batch whose loss is ``loss_sum`` over ``num_tokens`` tokens.
@@ -798,8 +800,7 @@ class LLMModule(L.LightningModule):
         by default, CPU included): plain float tensors on one CPU or CUDA device; not for DTensors (FSDP2) or
         DeepSpeed, which bring their own parameter handling, nor under ``16-mixed``/``bf16-mixed`` with
         ``gradient_clip_val`` (Lightning cannot clip a fused optimizer's gradients there)."""
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        if strategy == "DeepSpeedStrategy":
+        if strategy_kind(self._trainer) == "deepspeed":
             return False
         if self._trainer is not None and self.trainer.gradient_clip_val:
             from lightning.pytorch.plugins.precision import MixedPrecision
@@ -871,21 +872,22 @@ class LLMModule(L.LightningModule):
         model.eval()
         # Sharded weights are gathered layer by layer in every forward, so every rank must keep stepping until all
         # ranks are done (ranks finish at different lengths).
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        synced_gpus = self._trainer is not None and self.trainer.world_size > 1 and strategy in (
-            "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+        synced_gpus = (self._trainer is not None and self.trainer.world_size > 1
+                       and strategy_kind(self._trainer) in SHARDING_KINDS)
         outputs: list[str] = []
+        root = fsdp1_root(self.trainer) if strategy_kind(self._trainer) == "fsdp1" else None
         try:
             device = next(model.parameters()).device
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start: start + batch_size]
                 enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
-                generated = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus,
-                )
+                with fsdp1_generation_context(root):  # FSDP1: the root unit's parameters (embeddings, head)
+                    generated = model.generate(
+                        **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus,
+                    )
                 new_tokens = generated[:, enc["input_ids"].shape[1]:]
                 outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
         finally:
@@ -909,8 +911,8 @@ class LLMModule(L.LightningModule):
         merge = self.merge_adapters if merge_adapters is None else merge_adapters
         directory = Path(directory)
         model = self.ensure_model()
-        distributed = self._trainer is not None and (self.trainer.world_size > 1 or type(self.trainer.strategy).__name__
-                                                     in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"))
+        distributed = self._trainer is not None and (self.trainer.world_size > 1
+                                                     or strategy_kind(self._trainer) in SHARDING_KINDS)
         if distributed:
             # Every strategy's shards (FSDP1, FSDP2, ZeRO-3) gathered into one CPU replica on rank 0.
             state = full_state_dict(model, root=fsdp1_root(self.trainer), keep=self.trainer.is_global_zero)

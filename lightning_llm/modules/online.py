@@ -48,7 +48,12 @@ from lightning_llm.losses.grpo import PolicyGradientMetrics, nanstd, weighted_re
 from lightning_llm.models.loading import model_spec
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
 from lightning_llm.models.reference import drop_reference_weights, frozen_reference, restore_reference_weights
-from lightning_llm.models.sharding import fsdp1_root, full_parameters
+from lightning_llm.models.sharding import (
+    SHARDING_KINDS,
+    fsdp1_generation_context,
+    fsdp1_root,
+    strategy_kind,
+)
 from lightning_llm.modules.base import LLMModule, ModelArg, TokenizerArg
 from lightning_llm.rewards import RewardLog, RewardSource, RewardState, compute_rewards, resolve_reward_source
 from lightning_llm.rewards.compute import columns_from_rows, reward_names
@@ -290,17 +295,17 @@ class OnlineModule(LLMModule, abc.ABC):
 
     def _configure_engine(self) -> None:
         """Make the engine generate correctly under the trainer's strategy."""
+        kind = strategy_kind(self.trainer)
         strategy = type(self.trainer.strategy).__name__
-        sharded = strategy in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-        if sharded and self.engine.name == "fast":
+        if kind in SHARDING_KINDS and self.engine.name == "fast":
             raise ValueError(f"rollout='fast' decodes on one device with whole weights; under {strategy} the policy "
                              "is sharded: use rollout='hf'")
         if self.engine.name != "hf":
             return
-        if strategy == "FSDPStrategy" and self.engine.gather is None:
+        if kind == "fsdp1" and self.engine.gather is None:
             trainer = self.trainer
-            self.engine.gather = lambda model: full_parameters([model], root=fsdp1_root(trainer))
-        elif strategy == "DeepSpeedStrategy":
+            self.engine.gather = lambda model: fsdp1_generation_context(fsdp1_root(trainer))
+        elif kind == "deepspeed":
             self.engine.gather_parameters = self.ds3_gather_for_generation
 
     def _resolve_rewards(self) -> None:

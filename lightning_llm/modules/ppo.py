@@ -33,7 +33,7 @@ from lightning_llm.losses.ppo import (
 from lightning_llm.models.loading import load_tokenizer
 from lightning_llm.models.parts import unwrap_model
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
-from lightning_llm.models.sharding import run_in_forward
+from lightning_llm.models.sharding import SHARDING_KINDS, run_in_forward, strategy_kind
 from lightning_llm.models.value import (
     ValueHead,
     check_same_vocabulary,
@@ -110,13 +110,13 @@ class PPOModule(OnlineModule):
     (:mod:`lightning_llm.losses.ppo`). The whitening is over the rollouts of every process (TRL whitens each process's
     own, so there its update depends on the number of processes; with one process the two agree): with micro-batches
     that hold the same number of response tokens on every process, as TRL's per-micro-batch token means need, several
-    processes make the update one process makes on the global batch. Then ``num_ppo_epochs`` times: the rollout is shuffled and
-    cut into ``num_mini_batches`` mini-batches, each of ``gradient_accumulation_steps`` micro-batches whose loss
-    ``policy_loss + vf_coef · value_loss`` (clipped with ``cliprange`` and ``cliprange_value``) is backpropagated, then
-    the gradient is clipped to ``max_grad_norm`` and the optimizer steps once. The policy and the value model (or value
-    head) share one optimizer, so under DeepSpeed one engine. This is Lightning's manual optimization, so the Trainer's
-    ``gradient_clip_val`` and ``accumulate_grad_batches`` stay unset: ``max_grad_norm`` and
-    ``gradient_accumulation_steps`` are this module's.
+    processes make the update one process makes on the global batch. Then ``num_ppo_epochs`` times: the rollout is
+    shuffled and cut into ``num_mini_batches`` mini-batches, each of ``gradient_accumulation_steps`` micro-batches
+    whose loss ``policy_loss + vf_coef · value_loss`` (clipped with ``cliprange`` and ``cliprange_value``) is
+    backpropagated, then the gradient is clipped to ``max_grad_norm`` and the optimizer steps once. The policy and the
+    value model (or value head) share one optimizer, so under DeepSpeed one engine. This is Lightning's manual
+    optimization, so the Trainer's ``gradient_clip_val`` and ``accumulate_grad_batches`` stay unset:
+    ``max_grad_norm`` and ``gradient_accumulation_steps`` are this module's.
 
     Steps and rollouts: ``trainer.global_step`` counts optimizer steps, ``num_ppo_epochs · num_mini_batches`` per
     rollout, so ``Trainer(max_steps=S)`` runs ``ceil(S / (num_ppo_epochs · num_mini_batches))`` rollouts (a run stops
@@ -363,6 +363,10 @@ class PPOModule(OnlineModule):
         return self
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and strategy_kind(self.trainer) == "fsdp1":
+            raise ValueError("PPOModule runs several forward and backward passes inside one training step (manual "
+                             "optimization), which FSDP1 (FSDPStrategy) does not support: its root unit reshards "
+                             "after the first backward. Use ModelParallelStrategy (FSDP2), DeepSpeed or DDP")
         super().setup(stage)
         if stage == "fit" and self.trainer.accumulate_grad_batches != 1:
             raise ValueError("PPOModule accumulates gradients itself: set gradient_accumulation_steps on the module "
@@ -706,8 +710,8 @@ class PPOModule(OnlineModule):
 
         directory = Path(directory)
         module = self.v_head if self.uses_value_head else self.value_model
-        distributed = self._trainer is not None and (self.trainer.world_size > 1 or type(self.trainer.strategy).__name__
-                                                     in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"))
+        distributed = self._trainer is not None and (self.trainer.world_size > 1
+                                                     or strategy_kind(self._trainer) in SHARDING_KINDS)
         root = fsdp1_root(self.trainer) if distributed else None
         keep = not distributed or self.trainer.is_global_zero
         state = full_state_dict(module, root=root, keep=keep)

@@ -18,12 +18,13 @@ What happens under each strategy (every rank calls :meth:`HFGenerateEngine.gener
   slow; ``synced_gpus`` needed). ``gather_parameters=True`` gathers every parameter once around the whole call
   (``deepspeed.zero.GatheredParameters`` through :func:`~lightning_llm.models.sharding.full_parameters`, like TRL's
   ``ds3_gather_for_generation``): much faster, at the cost of one full copy of the model on every rank.
-- **FSDP1** (``FSDPStrategy``): pass the FSDP root as ``model`` (:func:`~lightning_llm.models.sharding.fsdp1_root`).
-  ``generate`` runs the ``transformers`` model inside it, never the root's own forward, so the parameters held by
-  the root unit (typically embeddings, final norm, head) are only full with ``gather_parameters=True``
-  (``summon_full_params``). This case is not run by the test-suite (FSDP1 needs CUDA); TRL's variant, which
-  summons only the root unit's parameters (``summon_full_params(root, recurse=False)``) and lets each nested unit
-  gather its own in its forward, can be selected with ``gather=``.
+- **FSDP1** (``FSDPStrategy``): ``generate`` runs the ``transformers`` model inside the FSDP root, never the
+  root's own forward, so the parameters held by the root unit (typically embeddings, final norm, head) must be
+  summoned around the call, while each nested unit (a decoder layer) gathers its own in its forward (``synced_gpus``
+  needed): :func:`~lightning_llm.models.sharding.fsdp1_generation_context`, as TRL does, which the online modules
+  set as ``gather=`` under that strategy. Summoning every unit (``summon_full_params`` with ``recurse=True``, what
+  ``gather_parameters=True`` does for FSDP1) fails there: the nested units' forwards reshard inside the summon.
+  ``tests/rollout/test_rollout_sharded.py`` runs this case on two CPU processes.
 
 Given a :class:`~lightning_llm.rollout.mixture.GeometricMixture` instead of a model, ``generate`` runs on a wrapper
 whose forward calls both models on the whole sequence so far and returns their mixed log-probs: no KV cache (as TRL

@@ -1,7 +1,8 @@
 """A short SFT, DPO, GRPO, RLOO or PPO run under a strategy, for ``test_strategies.py``: rank 0 writes the loss of
 each step (PPO: of each rollout) and exports the model.
 
-    python _strategy_script.py ALGO STRATEGY OUT   # ALGO: sft | dpo | grpo | rloo | ppo; STRATEGY: single | ddp | fsdp2
+    python _strategy_script.py ALGO STRATEGY OUT   # ALGO: sft | dpo | grpo | rloo | ppo | grpo_generate
+                                                    # STRATEGY: single | ddp | fsdp1 | fsdp2
 
 The global batch is 8 examples in every case (8 on one process, 4 on each of two), in order, so the runs compare
 step by step.
@@ -25,7 +26,7 @@ from lightning import Callback, Trainer, seed_everything
 
 import lightning_llm as llm
 from lightning_llm.data.sources import load_rows
-from lightning_llm.models.sharding import is_sharded_fsdp2
+from lightning_llm.models.sharding import fsdp1_root, is_sharded_fsdp2
 from lightning_llm.rollout import FixedRollouts
 
 STEPS = 3
@@ -39,10 +40,13 @@ class Losses(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.tokens: list[float] = []
+        self.rewards: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.callback_metrics["loss"]))
         self.tokens.append(float(trainer.callback_metrics["num_tokens"]))
+        if "reward" in trainer.callback_metrics:
+            self.rewards.append(float(trainer.callback_metrics["reward"]))
 
 
 def split_group_completions(prompt_ids):
@@ -70,6 +74,25 @@ def same_length_completions(prompt_ids):
 
 
 def strategy(name: str):
+    if name == "fsdp1":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        class CPUFSDPStrategy(FSDPStrategy):
+            """Lightning's FSDPStrategy on CPU processes (gloo), for the test-suite only: Lightning refuses the class
+            itself on a CPU accelerator (a check on the exact type) and wraps with ``device_id=None``, which torch's
+            FSDP1 refuses without an accelerator; with ``device_id=cpu`` FSDP1 runs on CPU. The model is wrapped here
+            as Lightning would, and Lightning takes an already wrapped model as it is."""
+
+            def _setup_model(self, model):
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                wrapped = FullyShardedDataParallel(model, sharding_strategy=self.sharding_strategy,
+                                                   device_id=torch.device("cpu"), **self.kwargs)
+                self.kwargs.pop("auto_wrap_policy", None)
+                return super()._setup_model(wrapped)
+
+        return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, sharding_strategy="FULL_SHARD")
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -92,6 +115,12 @@ def run(algo: str, strategy_name: str, out: str) -> None:
         module = llm.DPOModule("tiny-llama", beta=0.5, **common)
         data = llm.PreferenceDataModule(load_rows("sample:preference")[:24], batch_size=per_rank, shuffle=False,
                                         max_length=64)
+    elif algo == "grpo_generate":
+        # real generation (HF generate) that is deterministic: top-k 1 samples the argmax, so the completions, their
+        # rewards and token counts must be the 1-process ones whatever the sharding
+        module = llm.GRPOModule("tiny-llama", reward_funcs=[id_reward], rollout="hf", top_k=1, num_generations=2,
+                                max_completion_length=8, beta=0.04, **common)
+        data = llm.PromptDataModule(load_rows("sample:prompt_only")[:24], batch_size=per_rank, shuffle=False)
     elif algo == "ppo":
         # one rollout of 8 prompts per training step (4 per process), two PPO epochs of one mini-batch each
         module = llm.PPOModule("tiny-llama", reward_funcs=[id_reward], rollout=FixedRollouts(same_length_completions),
@@ -115,7 +144,9 @@ def run(algo: str, strategy_name: str, out: str) -> None:
     if trainer.is_global_zero:
         with open(os.path.join(out, "losses.json"), "w") as handle:
             json.dump({"world_size": trainer.world_size, "losses": losses.losses, "num_tokens": losses.tokens,
-                       "sharded": is_sharded_fsdp2(module.model), "strategy": type(trainer.strategy).__name__}, handle)
+                       "rewards": losses.rewards,
+                       "sharded": is_sharded_fsdp2(module.model) or fsdp1_root(trainer) is not None,
+                       "strategy": type(trainer.strategy).__name__}, handle)
 
 
 if __name__ == "__main__":

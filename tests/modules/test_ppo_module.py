@@ -368,3 +368,22 @@ def test_trainer_accumulation_is_refused_and_the_rollout_must_split_evenly():
         quiet_trainer(max_steps=1, accumulate_grad_batches=2).fit(module(), batches())
     with pytest.raises(ValueError, match="cannot be split into num_mini_batches=3"):
         quiet_trainer(max_steps=1).fit(module(num_mini_batches=3), batches())
+
+
+def test_fsdp1_is_refused_by_name_before_the_first_step():
+    """FSDP1's root unit reshards after the first backward, and PPO backpropagates several times per training step:
+    refused in ``setup``, with the strategies that work named. (A trainer stand-in holding an FSDPStrategy: the real
+    one needs two processes; ``test_strategies.py`` runs PPO under DDP and FSDP2.)"""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Subclassed(FSDPStrategy):
+        pass
+
+    module = PPOModule("tiny-llama", reward_funcs=[rule_score], rollout=FixedRollouts(Recorder()),
+                       max_completion_length=MAX_COMPLETION)
+    for strategy in (FSDPStrategy(), Subclassed()):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        with pytest.raises(ValueError, match="FSDP1 .FSDPStrategy. does not support.*ModelParallelStrategy"):
+            module.setup("fit")

@@ -1,9 +1,10 @@
 """SFT, DPO, GRPO, RLOO and PPO (fixed rollouts) on 2 CPU processes (gloo) under DDP and FSDP2
-(``ModelParallelStrategy``) give the 1-process run: the same loss at each step (within 1e-5 relative), the same token
-counts, and the same exported weights (within 1e-4; FSDP2's shards are gathered into the Hugging Face export). For
-GRPO a prompt's eight completions are split across the two processes, so the rewards must be gathered before the
-group statistics; PPO (manual optimization, two optimizer steps per rollout, the value model beside the policy)
-whitens its rewards and advantages over the rollouts of both processes."""
+(``ModelParallelStrategy``), and DPO and GRPO under FSDP1 (``FSDPStrategy``), give the 1-process run: the same loss
+at each step (within 1e-5 relative), the same token counts, and the same exported weights (within 1e-4; the shards
+are gathered into the Hugging Face export). For GRPO a prompt's eight completions are split across the two
+processes, so the rewards must be gathered before the group statistics; PPO (manual optimization, two optimizer
+steps per rollout, the value model beside the policy) whitens its rewards and advantages over the rollouts of both
+processes."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_strategy_script.py"
 
 pytestmark = pytest.mark.slow
+#: the algorithms also run under FSDP1 (Lightning's FSDPStrategy, on CPU through a test-only subclass; see the
+#: script): DPO for the frozen reference and the export gathered through the FSDP root, GRPO for the online path
+FSDP1 = ("dpo", "grpo")
 
 
 def run(tmp_path: Path, algo: str, strategy: str) -> dict:
@@ -44,7 +48,7 @@ def test_two_processes_under_ddp_and_fsdp2_match_one(tmp_path, algo):
     # distinct losses show the steps differ; on-policy RLOO losses are zero up to rounding, so two may be exactly 0.0
     # (the trained weights are checked to have moved below)
     assert algo == "rloo" or len(set(one["losses"])) == 3
-    for strategy, sharded in (("ddp", False), ("fsdp2", True)):
+    for strategy, sharded in (("ddp", False), ("fsdp2", True), *((("fsdp1", True),) if algo in FSDP1 else ())):
         two = run(tmp_path, algo, strategy)
         assert two["world_size"] == 2 and two["sharded"] is sharded, two["strategy"]
         # (on-policy RLOO losses are means of leave-one-out advantages: zero up to rounding)
@@ -61,3 +65,14 @@ def test_two_processes_under_ddp_and_fsdp2_match_one(tmp_path, algo):
 
     start = tiny_model("tiny-llama").state_dict()
     assert any((one["weights"][k] - start[k]).abs().max() > 1e-3 for k in one["weights"] if k in start)
+
+
+def test_generation_inside_training_under_fsdp1_gives_the_unsharded_completions(tmp_path):
+    """GRPO with HF ``generate`` under FSDP1 (two processes): generation runs inside ``training_step``, i.e. inside
+    the FSDP root's forward, where the root's parameters are full and summoning them is forbidden. With top-k 1
+    (the argmax, deterministic) the completions' token counts and rewards are the 1-process ones."""
+    one = run(tmp_path, "grpo_generate", "single")
+    two = run(tmp_path, "grpo_generate", "fsdp1")
+    assert two["world_size"] == 2 and two["sharded"], two["strategy"]
+    assert two["num_tokens"] == one["num_tokens"] and len(one["num_tokens"]) == 3
+    assert two["rewards"] == pytest.approx(one["rewards"], abs=1e-6) and len(set(one["rewards"])) > 1

@@ -8,10 +8,10 @@ from rollout_helpers import PAD, hf_processors, hf_scores
 
 from lightning_llm.rollout import SamplingSettings
 from lightning_llm.rollout.sampling import (
+    draw_by_inverse_cdf,
     mark_present_,
     process_logits,
     processed_logprobs,
-    draw_by_inverse_cdf,
     select_tokens,
     token_presence,
 )

@@ -1,4 +1,5 @@
-"""HFGenerateEngine on an FSDP2-sharded model in two CPU processes: synced ranks, the unsharded model's tokens."""
+"""HFGenerateEngine on an FSDP2- and an FSDP1-sharded model in two CPU processes: synced ranks, the unsharded
+model's tokens."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_fsdp2_generation_with_synced_ranks_equals_the_unsharded_model(tmp_path):
+def test_sharded_generation_with_synced_ranks_equals_the_unsharded_model(tmp_path):
     out = tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp2_generate_script.py"), str(_free_port()), str(out)],
+    proc = subprocess.run([sys.executable, str(HERE / "sharded_generate_script.py"), str(_free_port()), str(out)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = json.loads(out.read_text())
@@ -32,6 +33,8 @@ def test_fsdp2_generation_with_synced_ranks_equals_the_unsharded_model(tmp_path)
         assert report["got"] == report["expected"], report["rank"]
         assert report["again"] == report["expected"], report["rank"]
         assert "use HFGenerateEngine" in report["fast_refused"]
+        assert report["fsdp1"] == report["expected"], report["rank"]
+        assert report["fsdp1_root_sharded"]  # the root's own flat parameter really was a shard
     # the ranks really finished at different lengths (what synced_gpus is for)
     longest = [max(len(ids) for ids in report["got"]) for report in reports]
     assert longest[1] == 2 and longest[0] > 2

@@ -1,9 +1,14 @@
-"""Two-process CPU (gloo) FSDP2 check for ``test_rollout_sharded.py``: ``python fsdp2_generate_script.py PORT OUT``.
+"""Two-process CPU (gloo) FSDP2 and FSDP1 check for ``test_rollout_sharded.py``:
+``python sharded_generate_script.py PORT OUT``.
 
 Each rank shards the tiny llama with :func:`lightning_llm.models.sharding.shard_fsdp2` and completes its own prompts
-with :class:`HFGenerateEngine` (greedy). The EOS ids are chosen so that rank 1's rows all end after a few tokens
-while rank 0's run on: without ``synced_gpus`` rank 1 would stop calling the forward (and its all-gathers) early and
-rank 0 would hang. Each rank's completions must equal those of an unsharded copy. Rank 0 writes a JSON report.
+with :class:`HFGenerateEngine` (greedy); then the same under FSDP1, wrapped as Lightning's ``FSDPStrategy`` wraps a
+LightningModule (the decoder layers as units, the root holding the embeddings, final norm and head), with the
+gathering the online modules configure under that strategy
+(:func:`~lightning_llm.models.sharding.fsdp1_generation_context`). The EOS ids are chosen so that rank 1's rows all
+end after a few tokens while rank 0's run on: without ``synced_gpus`` rank 1 would stop calling the forward (and its
+all-gathers) early and rank 0 would hang. Each rank's completions must equal those of an unsharded copy. Rank 0
+writes a JSON report.
 """
 
 from __future__ import annotations
@@ -58,8 +63,25 @@ def _run(rank: int, world: int, port: int, out_file: str) -> None:
         refused = ""
     except ValueError as error:
         refused = str(error)
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_llm.models.sharding import fsdp1_generation_context
+
+    holder = torch.nn.Module()  # what the LightningModule is to FSDPStrategy
+    holder.model = copy.deepcopy(plain)
+    root = FullyShardedDataParallel(holder, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                    device_id=torch.device("cpu"))
+    inner = root.module.model
+    # each rank holds about half of the values (flat shards of the root unit and of every layer unit)
+    root_sharded = sum(p.numel() for p in root.parameters()) < 0.6 * sum(p.numel() for p in plain.parameters())
+    fsdp1 = HFGenerateEngine(gather=lambda model: fsdp1_generation_context(root)).generate(
+        inner, PROMPTS[rank], settings, eos_token_ids=eos, pad_token_id=PAD)
     report = {"rank": rank, "expected": expected.completion_ids, "got": got.completion_ids,
-              "again": again.completion_ids, "fast_refused": refused}
+              "again": again.completion_ids, "fast_refused": refused, "fsdp1": fsdp1.completion_ids,
+              "fsdp1_root_sharded": root_sharded}
     reports = [None] * world
     dist.all_gather_object(reports, report)
     if rank == 0:
