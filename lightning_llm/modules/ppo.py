@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -286,6 +287,7 @@ class PPOModule(OnlineModule):
         self._ratio_means: list[Tensor] = []
         self._step_optimizer: torch.optim.Optimizer | None = None
         self._step_scheduler: Any = None
+        self._step_autocast: torch.dtype | None = None  # set during a by-hand step() under autocast
         self._steps_taken = 0
         self._step_rollouts = 1
         self.rollout_generation: int | None = None
@@ -578,9 +580,17 @@ class PPOModule(OnlineModule):
             for start in range(0, size, mini):
                 mini_rows = order[start: start + mini]
                 for offset in range(0, mini, micro):
-                    loss = self.micro_batch_loss(rollout, mini_rows[offset: offset + micro])
+                    with self._forward_context():
+                        loss = self.micro_batch_loss(rollout, mini_rows[offset: offset + micro])
                     self._backward(loss / self.gradient_accumulation_steps)
                 self._clip_and_step(optimizer)
+
+    def _forward_context(self) -> AbstractContextManager[Any]:
+        """Autocast for the forwards of a by-hand :meth:`step` given an ``autocast_dtype``; nothing otherwise (in
+        ``fit`` the precision plugin wraps the training step)."""
+        if self._step_autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self._step_autocast)
 
     def _optimizer(self) -> Any:
         if self._fitting:
@@ -650,11 +660,14 @@ class PPOModule(OnlineModule):
         raise NotImplementedError("PPOModule trains rollouts with update(), not through the generation buffer")
 
     # ---------------------------------------------------------------------------------------- by-hand driving
-    def step(self, prompts: Sequence[Any], rows: Sequence[dict] | None = None) -> dict[str, float]:
+    def step(self, prompts: Sequence[Any], rows: Sequence[dict] | None = None, *,
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
         """One rollout and PPO update on ``prompts`` (strings or conversations) outside ``Trainer.fit``; returns the
         rollout's metrics (TRL's names). The optimizer and learning-rate schedule are built at the first call and
         kept for the next ones (the schedule spans ``total_episodes`` prompts, else the learning rate is constant).
         ``rows`` are the prompts' other columns, for reward functions that read them. No Lightning callbacks run.
+        ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forwards of the rollout and of the update under autocast
+        to that dtype (the backward outside it), as ``Trainer(precision="bf16-mixed")`` does in ``fit``.
         """
         if self._fitting:
             raise ValueError("PPOModule.step drives PPO by hand; inside Trainer.fit the trainer does it")
@@ -669,8 +682,13 @@ class PPOModule(OnlineModule):
         batch = PromptBatch(prompts=prompts, indices=list(range(len(prompts))), rows=list(rows) if rows else None,
                             prompt_ids=prompt_ids, generation=self._steps_taken)
         self.train()
-        rollout = self.rollout(batch)
-        self.update(rollout)
+        self._step_autocast = autocast_dtype
+        try:
+            with self._forward_context():
+                rollout = self.rollout(batch)
+            self.update(rollout)
+        finally:
+            self._step_autocast = None
         self.record_rollout_metrics(rollout)
         metrics = self.reduce_metrics("train")
         self.num_tokens_seen += metrics.pop("num_tokens", 0.0)

@@ -399,7 +399,11 @@ class PPOTrainer(BaseTrainer):
         kept (the schedule spans ``total_episodes`` prompts, else the learning rate stays constant), and
         ``state.global_step`` and ``state.log_history`` go on from the last ``train()``. The first call starts a fresh
         optimizer even after ``train()`` (whose schedule has run its course by then), and the Lightning callbacks run
-        under ``train()`` only. ``rows``: the prompts' other columns, for reward functions that read them.
+        under ``train()`` only, as TRL's ``step`` ran none. The precision is ``train()``'s: with ``bf16`` (or its
+        default on a CUDA device that supports it) the forwards of the rollout and of the update run under bfloat16
+        autocast over the float32 weights (the backward outside it, as under ``train()``); ``fp16`` needs a gradient
+        scaler, which only ``train()`` has, so ``step`` refuses it. ``rows``: the prompts' other columns, for reward
+        functions that read them.
         """
         import torch
 
@@ -407,7 +411,11 @@ class PPOTrainer(BaseTrainer):
         module.ensure_model()
         if not self.args.use_cpu and torch.cuda.is_available() and module.device.type == "cpu":
             module.to("cuda")
-        stats = module.step(queries, rows)
+        precision = self._precision()
+        if precision == "16-mixed":
+            raise ValueError("PPOTrainer.step with fp16=True: float16 needs a gradient scaler, which only train() "
+                             "runs; use bf16=True for step()")
+        stats = module.step(queries, rows, autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
         self.state.global_step += module.optimizer_steps_per_rollout
         self.state.log_history.append({**stats, "step": self.state.global_step})
         return stats

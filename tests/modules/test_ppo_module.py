@@ -277,6 +277,35 @@ def test_step_runs_by_hand_and_keeps_its_optimizer():
     assert (first["learning_rate"], second["learning_rate"]) == pytest.approx((1e-3, 5e-4))  # 8 episodes: 2 calls
 
 
+def test_step_under_autocast_runs_the_forwards_in_bf16_and_the_backward_outside(monkeypatch):
+    """``step(autocast_dtype=torch.bfloat16)``: every forward of the rollout and of the update under CPU autocast,
+    every backward outside it (as Lightning's precision plugin does in fit), and no autocast left behind."""
+    module = PPOModule("tiny-llama", reward_funcs=[rule_score], rollout=FixedRollouts(Recorder()),
+                       max_completion_length=MAX_COMPLETION, num_ppo_epochs=1, learning_rate=1e-3)
+    seen = {"forward": [], "backward": [], "logits_dtype": []}
+    forward, backward = module.policy_outputs, module._backward
+
+    def spy_forward(*args, **kwargs):
+        seen["forward"].append(torch.is_autocast_enabled("cpu"))
+        out = forward(*args, **kwargs)
+        return out
+
+    def spy_backward(loss):
+        seen["backward"].append(torch.is_autocast_enabled("cpu"))
+        return backward(loss)
+
+    monkeypatch.setattr(module, "policy_outputs", spy_forward)
+    monkeypatch.setattr(module, "_backward", spy_backward)
+    prompts = [row["prompt"] for row in sample_rows("prompt_only", 4)]
+    metrics = module.step(prompts, autocast_dtype=torch.bfloat16)
+    assert seen["forward"] and all(seen["forward"]) and seen["backward"] and not any(seen["backward"])
+    assert not torch.is_autocast_enabled("cpu")
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    seen["forward"].clear()
+    module.step(prompts)  # without the dtype: plain float32
+    assert seen["forward"] and not any(seen["forward"])
+
+
 # ------------------------------------------------------------------------------------- reward model, export
 def test_the_reward_model_starts_the_value_model_and_both_are_exported(tmp_path):
     path = reward_model_dir(tmp_path)

@@ -382,6 +382,26 @@ def test_ppo_batches_run_length_and_clipping_are_the_modules(tmp_path):
         unclipped.train()
 
 
+
+def test_ppo_step_takes_trains_precision(tmp_path, monkeypatch):
+    """step() runs its forwards under bf16 autocast exactly when train() would run bf16-mixed; fp16 (a gradient
+    scaler only train() has) is refused by name."""
+    built = trainers.PPOTrainer(args=trainers.PPOConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True),
+                                model="tiny-llama", reward_funcs=[reward])
+    calls = []
+    monkeypatch.setattr(built.module, "step", lambda queries, rows=None, **kwargs: calls.append(kwargs) or {})
+    built.step(["Say hello."])
+    assert calls == [{"autocast_dtype": torch.bfloat16}]
+    plain = trainers.PPOTrainer(args=trainers.PPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
+                                model="tiny-llama", reward_funcs=[reward])
+    monkeypatch.setattr(plain.module, "step", lambda queries, rows=None, **kwargs: calls.append(kwargs) or {})
+    plain.step(["Say hello."])
+    assert calls[-1] == {"autocast_dtype": None}
+    monkeypatch.setattr(plain, "_precision", lambda: "16-mixed")
+    with pytest.raises(ValueError, match="fp16=True: float16 needs a gradient scaler"):
+        plain.step(["Say hello."])
+
+
 class SureJudge(trainers.BasePairwiseJudge):
     """The policy's completion (the first of each pair) is better with probability 0.7."""
 
