@@ -204,17 +204,17 @@ def run_candidate(name: str, batch: int, setup: Setup, model: torch.nn.Module) -
 
 def format_table(results: list[dict[str, Any]]) -> str:
     base = {r["batch_size"]: r for r in results if r["name"] == BASELINE and "tokens_per_s" in r}
-    lines = [f"{'batch':>5} {'candidate':20} {'tokens/s':>10} {'vs HF':>7} {'call ms':>9} {'peak MiB':>9} "
+    lines = [f"{'batch':>5} {'candidate':24} {'tokens/s':>10} {'vs HF':>7} {'call ms':>9} {'peak MiB':>9} "
              f"{'mem@1 MiB':>10} {'mem@last MiB':>13}"]
     for r in results:
         if "tokens_per_s" not in r:
-            lines.append(f"{r['batch_size']:>5} {r['name']:20} {r.get('skipped') or 'error: ' + r['error'][:70]}")
+            lines.append(f"{r['batch_size']:>5} {r['name']:24} {r.get('skipped') or 'error: ' + r['error'][:70]}")
             continue
         ref = base.get(r["batch_size"])
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         first = f"{r['memory_call_1_mib']:.1f}" if r["memory_call_1_mib"] is not None else "-"
         last = f"{r['memory_call_last_mib']:.1f}" if r["memory_call_last_mib"] is not None else "-"
-        lines.append(f"{r['batch_size']:>5} {r['name']:20} {r['tokens_per_s']:10.0f} {ratio:>7} "
+        lines.append(f"{r['batch_size']:>5} {r['name']:24} {r['tokens_per_s']:10.0f} {ratio:>7} "
                      f"{1e3 * r['median_call_s']:9.1f} {r['peak_mib']:9.1f} {first:>10} {last:>13}")
     return "\n".join(lines)
 
