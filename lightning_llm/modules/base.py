@@ -911,8 +911,7 @@ class LLMModule(L.LightningModule):
         merge = self.merge_adapters if merge_adapters is None else merge_adapters
         directory = Path(directory)
         model = self.ensure_model()
-        distributed = self._trainer is not None and (self.trainer.world_size > 1
-                                                     or strategy_kind(self._trainer) in SHARDING_KINDS)
+        distributed = self.gathers_for_export
         if distributed:
             # Every strategy's shards (FSDP1, FSDP2, ZeRO-3) gathered into one CPU replica on rank 0.
             state = full_state_dict(model, root=fsdp1_root(self.trainer), keep=self.trainer.is_global_zero)
@@ -922,6 +921,13 @@ class LLMModule(L.LightningModule):
         if distributed:
             self.trainer.strategy.barrier("export_hf")
         return directory
+
+    @property
+    def gathers_for_export(self) -> bool:
+        """Whether an export must gather the weights across processes first (rank 0 writes, every rank waits): more
+        than one process, or a sharding strategy (FSDP1, FSDP2, ZeRO-3)."""
+        return self._trainer is not None and (self.trainer.world_size > 1
+                                              or strategy_kind(self._trainer) in SHARDING_KINDS)
 
     @rank_zero_only
     def _write_hf(self, directory: Path, merge: bool, model: nn.Module, copy_before_merging: bool) -> None:

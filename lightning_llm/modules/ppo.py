@@ -34,7 +34,7 @@ from lightning_llm.losses.ppo import (
 from lightning_llm.models.loading import load_tokenizer
 from lightning_llm.models.parts import unwrap_model
 from lightning_llm.models.peft import disabled_adapters, is_peft_model
-from lightning_llm.models.sharding import SHARDING_KINDS, run_in_forward, strategy_kind
+from lightning_llm.models.sharding import run_in_forward, strategy_kind
 from lightning_llm.models.value import (
     ValueHead,
     check_same_vocabulary,
@@ -728,8 +728,7 @@ class PPOModule(OnlineModule):
 
         directory = Path(directory)
         module = self.v_head if self.uses_value_head else self.value_model
-        distributed = self._trainer is not None and (self.trainer.world_size > 1
-                                                     or strategy_kind(self._trainer) in SHARDING_KINDS)
+        distributed = self.gathers_for_export
         root = fsdp1_root(self.trainer) if distributed else None
         keep = not distributed or self.trainer.is_global_zero
         state = full_state_dict(module, root=root, keep=keep)
