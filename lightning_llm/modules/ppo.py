@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from contextlib import AbstractContextManager, nullcontext
@@ -288,7 +289,8 @@ class PPOModule(OnlineModule):
         self._step_optimizer: torch.optim.Optimizer | None = None
         self._step_scheduler: Any = None
         self._step_autocast: torch.dtype | None = None  # set during a by-hand step() under autocast
-        self._steps_taken = 0
+        self._continuing_run = False  # a step() running as one more training step of a Lightning trainer's run
+        self._step_prompts = 0  # prompts per step() call, for the step schedule's length
         self._step_rollouts = 1
         self.rollout_generation: int | None = None
         self._check_score_models()
@@ -391,7 +393,7 @@ class PPOModule(OnlineModule):
 
     def total_optimizer_steps(self) -> int:
         """Rollouts of the run: the learning-rate schedule steps once per rollout (TRL 1.12)."""
-        if not self._fitting:
+        if not self._fitting or self._continuing_run:
             return self._step_rollouts  # step(): total_episodes over the prompts of a call
         if self.trainer.max_steps not in (None, -1):
             return math.ceil(self.trainer.max_steps / self.optimizer_steps_per_rollout)
@@ -639,6 +641,8 @@ class PPOModule(OnlineModule):
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        if self._continuing_run:  # each step() call's batch is generation 0 of its own data module
+            batch = dataclasses.replace(batch, generation=self._next_generation())
         rollout = self.rollout(batch)
         self.update(rollout)
         self.record_rollout_metrics(rollout)
@@ -660,27 +664,42 @@ class PPOModule(OnlineModule):
         raise NotImplementedError("PPOModule trains rollouts with update(), not through the generation buffer")
 
     # ---------------------------------------------------------------------------------------- by-hand driving
-    def step(self, prompts: Sequence[Any], rows: Sequence[dict] | None = None, *,
+    def step(self, prompts: Sequence[Any], rows: Sequence[dict] | None = None, *, trainer: Any = None,
              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """One rollout and PPO update on ``prompts`` (strings or conversations) outside ``Trainer.fit``; returns the
-        rollout's metrics (TRL's names). The optimizer and learning-rate schedule are built at the first call and
-        kept for the next ones (the schedule spans ``total_episodes`` prompts, else the learning rate is constant).
-        ``rows`` are the prompts' other columns, for reward functions that read them. No Lightning callbacks run.
-        ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forwards of the rollout and of the update under autocast
-        to that dtype (the backward outside it), as ``Trainer(precision="bf16-mixed")`` does in ``fit``.
+        """One rollout and PPO update on ``prompts`` (strings or conversations); returns the rollout's metrics (TRL's
+        names). The optimizer and learning-rate schedule are built at the first call and kept for the next ones (the
+        schedule spans ``total_episodes`` prompts, else the learning rate is constant). ``rows`` are the prompts'
+        other columns, for reward functions that read them.
+
+        With ``trainer`` (a ``lightning.Trainer``, e.g. the one of an earlier ``fit``), the call is one more training
+        step of that trainer's run: ``trainer.fit`` on a one-batch data module of ``prompts`` with ``max_steps``
+        raised by one rollout's optimizer steps, so ``global_step`` goes on and the trainer's callbacks, loggers,
+        precision and strategy take part as in ``fit`` (nothing is exported at the end of these fits; the optimizer
+        is still this method's, not the earlier ``fit``'s). Pass the same trainer to every call.
+
+        Without it the step runs by hand, without callbacks, on the module's device; ``autocast_dtype`` (e.g.
+        ``torch.bfloat16``) then runs the forwards of the rollout and of the update under autocast to that dtype (the
+        backward outside it), as ``Trainer(precision="bf16-mixed")`` does in ``fit``.
         """
         if self._fitting:
             raise ValueError("PPOModule.step drives PPO by hand; inside Trainer.fit the trainer does it")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("step needs at least one prompt")
+        if rows is not None and len(rows) != len(prompts):
+            raise ValueError(f"step got {len(prompts)} prompts and {len(rows)} rows of other columns")
+        if trainer is not None:
+            if autocast_dtype is not None:
+                raise ValueError("step(trainer=...) runs under the trainer's precision; autocast_dtype is for steps "
+                                 "without a trainer")
+            return self._step_in_run(trainer, prompts, rows)
         self.ensure_model()
         self.to(self.device)
         if self._step_optimizer is None:
             self._step_optimizer, self._step_scheduler = self._step_optimization(len(prompts))
         prompt_ids = sequence_ids(self.tokenizer, [(p, True, None) for p in prompts])
         batch = PromptBatch(prompts=prompts, indices=list(range(len(prompts))), rows=list(rows) if rows else None,
-                            prompt_ids=prompt_ids, generation=self._steps_taken)
+                            prompt_ids=prompt_ids, generation=self._next_generation())
         self.train()
         self._step_autocast = autocast_dtype
         try:
@@ -695,9 +714,40 @@ class PPOModule(OnlineModule):
         metrics["num_tokens"] = self.num_tokens_seen
         metrics["learning_rate"] = self._step_optimizer.param_groups[0]["lr"]
         self._step_scheduler.step()
-        self._steps_taken += 1
         self.last_metrics["train"] = dict(metrics)
         return metrics
+
+    def _next_generation(self) -> int:
+        """The generation number of a :meth:`step`'s rollout: the one after the last rollout trained on (its
+        sampling seed and what LogCompletionsCallback keys on)."""
+        return 0 if self.rollout_generation is None else self.rollout_generation + 1
+
+    def _step_in_run(self, trainer: Any, prompts: list[Any], rows: Sequence[dict] | None) -> dict[str, float]:
+        from lightning_llm.data.prompts import PromptDataModule
+
+        columns = list(rows) if rows is not None else [{} for _ in prompts]
+        data = PromptDataModule([{**row, "prompt": prompt} for prompt, row in zip(prompts, columns)],
+                                tokenizer=self.tokenizer, batch_size=len(prompts), shuffle=False, val_split=0.0)
+        self._step_prompts = len(prompts)
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + self.optimizer_steps_per_rollout
+        export_dir, self.export_dir = self.export_dir, None
+        self._continuing_run = True
+        try:
+            trainer.fit(self, datamodule=data)
+        finally:
+            self._continuing_run = False
+            self.export_dir = export_dir
+        return dict(self.last_metrics["train"])
+
+    def configure_optimizers(self) -> Any:
+        """The house optimizer and schedule; in a :meth:`step` with a trainer, the step's own (built at the first
+        such call, after the trainer placed the model, and kept)."""
+        if not self._continuing_run:
+            return super().configure_optimizers()
+        if self._step_optimizer is None:
+            self._step_optimizer, self._step_scheduler = self._step_optimization(self._step_prompts)
+        return {"optimizer": self._step_optimizer,
+                "lr_scheduler": {"scheduler": self._step_scheduler, "interval": "step"}}
 
     def _step_optimization(self, prompts_per_call: int) -> tuple[torch.optim.Optimizer, Any]:
         if self.total_episodes is None and self.scheduler_factory is None:
@@ -706,7 +756,7 @@ class PPOModule(OnlineModule):
             saved = self.scheduler_factory
         self._step_rollouts = math.ceil((self.total_episodes or 1) / prompts_per_call)
         try:
-            configured = self.configure_optimizers()
+            configured = super().configure_optimizers()
         finally:
             self.scheduler_factory = saved
         return configured["optimizer"], configured["lr_scheduler"]["scheduler"]

@@ -395,29 +395,19 @@ class PPOTrainer(BaseTrainer):
         the rollout's stats under TRL 1.12's metric names (``objective/kl``, ``objective/scores``,
         ``policy/approxkl_avg``, ``loss/policy_avg``, ``loss/value_avg``, ...) and ``learning_rate``.
 
-        Successive calls continue one run: the optimizer and learning-rate schedule are built at the first call and
-        kept (the schedule spans ``total_episodes`` prompts, else the learning rate stays constant), and
-        ``state.global_step`` and ``state.log_history`` go on from the last ``train()``. The first call starts a fresh
-        optimizer even after ``train()`` (whose schedule has run its course by then), and the Lightning callbacks run
-        under ``train()`` only, as TRL's ``step`` ran none. The precision is ``train()``'s: with ``bf16`` (or its
-        default on a CUDA device that supports it) the forwards of the rollout and of the update run under bfloat16
-        autocast over the float32 weights (the backward outside it, as under ``train()``); ``fp16`` needs a gradient
-        scaler, which only ``train()`` has, so ``step`` refuses it. ``rows``: the prompts' other columns, for reward
+        Successive calls continue one run, the one of the last ``train()`` when there was one: each call is one more
+        training step of the same ``lightning.Trainer`` (:meth:`PPOModule.step` with ``trainer=``), so
+        ``state.global_step`` goes on, the callbacks (``callbacks=``, e.g. ``BEMACallback``) keep their state and run
+        at each call, the loggers and checkpoints of the config take part, and the precision is ``train()``'s. The
+        optimizer and learning-rate schedule are built at the first call and kept (the schedule spans
+        ``total_episodes`` prompts, else the learning rate stays constant); after ``train()`` that is a new optimizer
+        (the training schedule has run its course by then). ``rows``: the prompts' other columns, for reward
         functions that read them.
         """
-        import torch
-
-        module = self.module
-        module.ensure_model()
-        if not self.args.use_cpu and torch.cuda.is_available() and module.device.type == "cpu":
-            module.to("cuda")
-        precision = self._precision()
-        if precision == "16-mixed":
-            raise ValueError("PPOTrainer.step with fp16=True: float16 needs a gradient scaler, which only train() "
-                             "runs; use bf16=True for step()")
-        stats = module.step(queries, rows, autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
-        self.state.global_step += module.optimizer_steps_per_rollout
-        self.state.log_history.append({**stats, "step": self.state.global_step})
+        trainer = self._run_trainer if self._run_trainer is not None else self.lightning_trainer(fitting=True)
+        self._run_trainer = trainer
+        stats = self.module.step(queries, rows, trainer=trainer)
+        self.state.global_step = trainer.global_step
         return stats
 
     @property

@@ -188,6 +188,7 @@ class BaseTrainer:
         self.datamodule = self._build_datamodule(train_dataset, eval_dataset)
         #: the ``lightning.Trainer`` of the last ``train()``/``evaluate()``
         self.trainer: L.Trainer | None = None
+        self._run_trainer: L.Trainer | None = None  # the fitting trainer of the last train() (or PPO step())
 
     def module_arguments(self) -> dict[str, Any]:
         """The algorithm's own module arguments from the trainer's constructor (``ref_model``, ``reward_funcs``...)."""
@@ -379,6 +380,7 @@ class BaseTrainer:
         ckpt = self._checkpoint_path(resume_from_checkpoint if resume_from_checkpoint is not None
                                      else self.args.resume_from_checkpoint)
         trainer = self.lightning_trainer(fitting=True)
+        self._run_trainer = trainer  # what a later PPOTrainer.step() continues
         start_entries = len(self.state.log_history)
         started = time.perf_counter()
         trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=ckpt)

@@ -277,6 +277,42 @@ def test_step_runs_by_hand_and_keeps_its_optimizer():
     assert (first["learning_rate"], second["learning_rate"]) == pytest.approx((1e-3, 5e-4))  # 8 episodes: 2 calls
 
 
+def test_step_with_a_trainer_is_one_more_training_step_of_its_run(tmp_path, monkeypatch):
+    """After a fit, ``step(prompts, trainer=...)`` runs as further training steps of the same trainer: global_step
+    goes on, the callbacks run at each call (LogCompletions logs each rollout, keyed by a new generation; a metrics
+    callback sees the step's metrics), the step's optimizer is kept between calls, the reward functions get the
+    rows' columns, and nothing is exported again."""
+    module = PPOModule("tiny-llama", reward_funcs=[rule_score, column_reward], rollout=FixedRollouts(Recorder()),
+                       max_completion_length=MAX_COMPLETION, num_ppo_epochs=2, num_mini_batches=1,
+                       learning_rate=1e-3, total_episodes=8, lr_scheduler_type="linear", export_dir=str(tmp_path))
+    metrics, table = StepMetrics(), LogCompletionsCallback(num_prompts=2, every_n_steps=2, console=False)
+    trainer = quiet_trainer(max_steps=2, callbacks=[metrics, table])
+    trainer.fit(module, batches(rows=4, batch_size=4))
+    assert trainer.global_step == 2 and len(metrics.logged) == 1 and (tmp_path / "value_model").is_dir()
+    exports = []
+    monkeypatch.setattr(module, "export_hf", lambda *args, **kwargs: exports.append(args))
+    prompts = [row["prompt"] for row in sample_rows("prompt_only", 4)]
+    rows = [{"bonus": float(k)} for k in range(4)]
+    first = module.step(prompts, rows, trainer=trainer)
+    optimizer = module._step_optimizer
+    second = module.step(prompts, rows, trainer=trainer)
+    assert trainer.global_step == 6 and exports == []
+    assert module._step_optimizer is optimizer and {int(s["step"]) for s in optimizer.state.values()} == {4}
+    assert len(metrics.logged) == 3 and metrics.logged[-1]["loss/policy_avg"] == second["loss/policy_avg"]
+    assert [row[0] for row in table.rows] == [2, 2, 4, 4, 6, 6]  # each step's rollout logged once
+    assert (first["learning_rate"], second["learning_rate"]) == pytest.approx((1e-3, 5e-4))  # 8 episodes: 2 calls
+    assert first["rewards/column_reward/mean"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="autocast_dtype is for steps without a trainer"):
+        module.step(prompts, trainer=trainer, autocast_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="4 prompts and 1 rows"):
+        module.step(prompts, rows[:1], trainer=trainer)
+
+
+def column_reward(completions, bonus=None, **kwargs):
+    """The row's ``bonus`` column as the reward (0 where the data has none)."""
+    return [0.0] * len(completions) if bonus is None else list(bonus)
+
+
 def test_step_under_autocast_runs_the_forwards_in_bf16_and_the_backward_outside(monkeypatch):
     """``step(autocast_dtype=torch.bfloat16)``: every forward of the rollout and of the update under CPU autocast,
     every backward outside it (as Lightning's precision plugin does in fit), and no autocast left behind."""

@@ -383,23 +383,25 @@ def test_ppo_batches_run_length_and_clipping_are_the_modules(tmp_path):
 
 
 
-def test_ppo_step_takes_trains_precision(tmp_path, monkeypatch):
-    """step() runs its forwards under bf16 autocast exactly when train() would run bf16-mixed; fp16 (a gradient
-    scaler only train() has) is refused by name."""
+def test_ppo_step_runs_in_one_lightning_run_with_trains_precision(tmp_path, monkeypatch):
+    """step() hands the module one lightning.Trainer, the same at every call (the last train()'s when there was
+    one), built from the config: bf16 gives bf16-mixed, as under train()."""
     built = trainers.PPOTrainer(args=trainers.PPOConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True),
                                 model="tiny-llama", reward_funcs=[reward])
-    calls = []
-    monkeypatch.setattr(built.module, "step", lambda queries, rows=None, **kwargs: calls.append(kwargs) or {})
+    seen = []
+    monkeypatch.setattr(built.module, "step", lambda queries, rows=None, **kwargs: seen.append(kwargs) or {})
     built.step(["Say hello."])
-    assert calls == [{"autocast_dtype": torch.bfloat16}]
+    built.step(["Say hello."])
+    assert [set(kwargs) for kwargs in seen] == [{"trainer"}, {"trainer"}]
+    assert seen[0]["trainer"] is seen[1]["trainer"] and seen[0]["trainer"].precision == "bf16-mixed"
     plain = trainers.PPOTrainer(args=trainers.PPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
                                 model="tiny-llama", reward_funcs=[reward])
-    monkeypatch.setattr(plain.module, "step", lambda queries, rows=None, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(plain.module, "step", lambda queries, rows=None, **kwargs: seen.append(kwargs) or {})
+    from types import SimpleNamespace
+
+    plain._run_trainer = sentinel = SimpleNamespace(global_step=7)  # as if train() had run: its trainer goes on
     plain.step(["Say hello."])
-    assert calls[-1] == {"autocast_dtype": None}
-    monkeypatch.setattr(plain, "_precision", lambda: "16-mixed")
-    with pytest.raises(ValueError, match="fp16=True: float16 needs a gradient scaler"):
-        plain.step(["Say hello."])
+    assert seen[-1]["trainer"] is sentinel and plain.state.global_step == 7
 
 
 class SureJudge(trainers.BasePairwiseJudge):

@@ -1,6 +1,7 @@
 """Issue 13's reward -> PPO chain through the TRL-style facade: ``RewardTrainer(...).train()`` writes
 ``output_dir/final``; ``PPOTrainer(reward_model=".../final", ...)`` with ``clip_range``/``kl_coef`` and
-``BEMACallback(beta=...)`` trains a few steps, then two ``step(queries)`` calls continue the run."""
+``BEMACallback(beta=...)`` trains a few steps, then two ``step(queries)`` calls continue the run (the same
+Lightning trainer: global step, log history and callbacks go on)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def test_reward_model_final_feeds_ppo_train_and_step(tmp_path):
     args = PPOConfig(output_dir=str(tmp_path / "ppo"), max_steps=2, per_device_train_batch_size=2,
                      num_ppo_epochs=1, response_length=6, clip_range=0.1, kl_coef=0.02, learning_rate=1e-3,
                      total_episodes=None, logging_steps=1, **quiet)
+    bema = BEMACallback(beta=0.9, update_freq=1)
     trainer = PPOTrainer(args=args, model="tiny-llama", reward_model=str(final), train_dataset="sample:prompt_only",
-                         callbacks=[BEMACallback(beta=0.9, update_freq=1)])
+                         callbacks=[bema])
     assert trainer.module.cliprange == 0.1 and trainer.module.kl_coef == 0.02
     out = trainer.train()
     assert out.global_step == 2 and math.isfinite(out.training_loss)
@@ -54,3 +56,6 @@ def test_reward_model_final_feeds_ppo_train_and_step(tmp_path):
     assert optimizer is not None and all(state["step"] == 2 for state in optimizer.state.values())
     assert trainer.state.global_step == 4
     assert [entry["step"] for entry in trainer.state.log_history[-2:]] == [3, 4]
+    assert trainer.state.log_history[-1]["loss/policy_avg"] == second["loss/policy_avg"]
+    # the callbacks took part in the step() calls: BEMA went on averaging at steps 3 and 4
+    assert bema._last_step == 4
