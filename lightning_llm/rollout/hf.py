@@ -18,6 +18,8 @@ What happens under each strategy (every rank calls :meth:`HFGenerateEngine.gener
   slow; ``synced_gpus`` needed). ``gather_parameters=True`` gathers every parameter once around the whole call
   (``deepspeed.zero.GatheredParameters`` through :func:`~lightning_llm.models.sharding.full_parameters`, like TRL's
   ``ds3_gather_for_generation``): much faster, at the cost of one full copy of the model on every rank.
+  ``tests/rollout/test_rollout_sharded.py`` runs the gathered case on two CPU processes where ``deepspeed`` is
+  installed (it is not a dependency of the project, so CI skips it).
 - **FSDP1** (``FSDPStrategy``): ``generate`` runs the ``transformers`` model inside the FSDP root, never the
   root's own forward, so the parameters held by the root unit (typically embeddings, final norm, head) must be
   summoned around the call, while each nested unit (a decoder layer) gathers its own in its forward (``synced_gpus``

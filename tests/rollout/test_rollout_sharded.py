@@ -1,5 +1,5 @@
-"""HFGenerateEngine on an FSDP2- and an FSDP1-sharded model in two CPU processes: synced ranks, the unsharded
-model's tokens."""
+"""HFGenerateEngine on an FSDP2-, an FSDP1- and a ZeRO-3-sharded model in two CPU processes: synced ranks, the
+unsharded model's tokens. (The ZeRO-3 case needs ``deepspeed``, which is not a dependency: it is skipped without it.)"""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_sharded_generation_with_synced_ranks_equals_the_unsharded_model(tmp_pat
     # the ranks really finished at different lengths (what synced_gpus is for)
     longest = [max(len(ids) for ids in report["got"]) for report in reports]
     assert longest[1] == 2 and longest[0] > 2
+
+
+@pytest.mark.slow
+def test_zero3_generation_with_gathered_parameters_equals_the_unpartitioned_model(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "report.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(HERE / "zero3_generate_script.py"), str(_free_port()), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for report in json.loads(out.read_text()):
+        assert report["partitioned"], report["rank"]  # every parameter was an empty ZeRO-3 partition
+        assert report["got"] == report["expected"], report["rank"]
