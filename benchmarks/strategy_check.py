@@ -1,12 +1,14 @@
-"""Every sharding strategy on one device gives the plain run: SFT and DPO under FSDP1, FSDP2 and DeepSpeed ZeRO 2/3.
+"""Every sharding strategy on one device gives the plain run: SFT, DPO and PPO under FSDP1 (not PPO: it refuses
+FSDP1), FSDP2 and DeepSpeed ZeRO 2/3.
 
     python benchmarks/strategy_check.py --out outputs/device/strategies.json   # a GPU; deepspeed for its cases
     python benchmarks/strategy_check.py --smoke                                # CPU rehearsal: what runs there
 
-Each run (its own process) trains the tiny preset 3 SGD steps on the same 8-example batches and exports it; the
-results compare each strategy's per-step losses and exported weights with the single-device run of the same
-algorithm (world size 1, so the sharding code paths run without a second device). A strategy whose package is not
-installed, or which cannot run on this device, is reported as skipped with the reason.
+Each run (its own process) trains the tiny preset 3 SGD steps on the same 8-example batches and exports it (PPO: 3
+rollouts of 8 fixed completions, one optimizer step each, the policy and the value model in one optimizer, so one
+DeepSpeed engine); the results compare each strategy's per-step losses and exported weights with the single-device
+run of the same algorithm (world size 1, so the sharding code paths run without a second device). A strategy whose
+package is not installed, or which cannot run on this device, is reported as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("single", "fsdp1", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
-ALGOS = ("sft", "dpo")
+ALGOS = ("sft", "dpo", "ppo")
+
+
+def fixed_completions(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Six tokens per prompt, none of them EOS, a function of the prompt (PPO's fixed rollouts)."""
+    return [[(sum(ids) * 7 + 13 * j) % 700 + 3 for j in range(6)] for ids in prompt_ids]
+
+
+def length_reward(completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+    return [(sum(ids) % 5) / 4 for ids in completion_ids]
 
 
 def build_strategy(name: str) -> Any:
@@ -61,10 +72,16 @@ def run_one(algo: str, strategy: str, out: Path, accelerator: str) -> dict[str, 
     if algo == "sft":
         module = llm.SFTModule("tiny-llama", **common)
         data = llm.SFTDataModule(load_rows("sample:messages")[:24], batch_size=8, shuffle=False, max_length=96)
-    else:
+    elif algo == "dpo":
         module = llm.DPOModule("tiny-llama", beta=0.5, **common)
         data = llm.PreferenceDataModule(load_rows("sample:preference")[:24], batch_size=8, shuffle=False,
                                         max_length=64)
+    else:
+        from lightning_llm.rollout import FixedRollouts
+
+        module = llm.PPOModule("tiny-llama", reward_funcs=[length_reward], rollout=FixedRollouts(fixed_completions),
+                               num_ppo_epochs=1, num_mini_batches=1, max_completion_length=6, **common)
+        data = llm.PromptDataModule(load_rows("sample:prompt_only")[:24], batch_size=8, shuffle=False)
     trainer = Trainer(accelerator=accelerator, devices=1, strategy=build_strategy(strategy), max_steps=3,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[Losses()])
@@ -72,9 +89,11 @@ def run_one(algo: str, strategy: str, out: Path, accelerator: str) -> dict[str, 
     return {"losses": Losses.losses, "strategy_class": type(trainer.strategy).__name__}
 
 
-def skip_reason(strategy: str, accelerator: str) -> str | None:
+def skip_reason(strategy: str, accelerator: str, algo: str = "sft") -> str | None:
     import importlib.util
 
+    if algo == "ppo" and strategy == "fsdp1":
+        return "PPOModule refuses FSDP1 (several backward passes per training step)"
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed"
     if strategy.startswith("deepspeed") and accelerator != "gpu":
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             runs: dict[str, dict[str, Any]] = {}
             for strategy in ["single", *[s for s in args.strategies if s != "single"]]:
                 record: dict[str, Any] = {"algo": algo, "strategy": strategy}
-                reason = skip_reason(strategy, accelerator)
+                reason = skip_reason(strategy, accelerator, algo)
                 if reason:
                     record["skipped"] = reason
                 else:

@@ -21,16 +21,17 @@ def test_what_cannot_run_on_a_cpu_is_skipped_by_name():
     for name in ("deepspeed_stage_2", "deepspeed_stage_3"):
         assert bench.skip_reason(name, "cpu") is not None
     assert bench.skip_reason("fsdp1", "gpu") is None
+    assert "refuses FSDP1" in bench.skip_reason("fsdp1", "gpu", "ppo")
     assert type(bench.build_strategy("fsdp2")).__name__ == "ModelParallelStrategy"
     assert bench.build_strategy("deepspeed_stage_3") == "deepspeed_stage_3"
 
 
 @pytest.mark.slow
 def test_smoke_runs_plain_and_fsdp2_and_they_agree(tmp_path):
-    """``--smoke`` for DPO alone (SFT runs through the same code; both take 70 s to 2 minutes on a loaded 2-core
-    machine, each run starting a process)."""
+    """``--smoke`` for DPO and PPO (SFT runs through the same code as DPO; each takes 70 s to 2 minutes on a loaded
+    2-core machine, each run starting a process)."""
     bench = _load()
-    bench.ALGOS = ("dpo",)
+    bench.ALGOS = ("dpo", "ppo")
     out = tmp_path / "strategies.json"
     results = bench.main(["--smoke", "--out", str(out)])
     by_run = {(r["algo"], r["strategy"]): r for r in results}
