@@ -101,8 +101,9 @@ class RewardSource(abc.ABC):
         """One reward per completion (a float, or ``None``/NaN where the source does not apply)."""
 
     async def ascore(self, batch: RewardBatch) -> Sequence[Any]:
-        """The async counterpart of :meth:`score`, for sources with ``is_async``."""
-        raise NotImplementedError(f"{self.describe()} has no async scoring")
+        """The async counterpart of :meth:`score`, which sources with ``is_async`` override; a synchronous source
+        scores as :meth:`score` does."""
+        return self.score(batch)
 
     def describe(self) -> str:
         """How messages name the source: ``reward function 'accuracy_reward'``."""
